@@ -1,0 +1,376 @@
+"""The executable specification of every dspark op, in plain PyTorch.
+
+Each function here computes exactly what the C++ and CUDA kernels compute, with the
+same random numbers (Philox-4x32-10, the counter layout of DESIGN.md), so tests can
+compare tokens one for one. Clarity comes first; loops over the vocabulary are avoided
+so the reference stays usable at real vocabulary sizes.
+
+Conventions shared by all ops (DESIGN.md, "Common rules"):
+
+* logits are read as float32; NaN counts as -inf and +inf as the largest float;
+* temperature <= 0 (or NaN) means greedy: argmax, ties to the smallest index;
+* sampling is an exponential race: argmax_v (y_v - log E_v) for logits y, or
+  argmax_v (r_v / E_v) for a weight vector r, with E_v from ``exponential``;
+* a distribution with no mass emits the token -1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "STREAM_DRAFT",
+    "STREAM_ACCEPT",
+    "STREAM_RESAMPLE",
+    "philox4x32_10",
+    "random_words",
+    "acceptance_uniform",
+    "exponential",
+    "sanitize",
+    "filter_mask",
+    "verify",
+    "markov_draft",
+    "confidence",
+]
+
+STREAM_DRAFT = 0
+STREAM_ACCEPT = 1
+STREAM_RESAMPLE = 2
+
+_MASK32 = 0xFFFFFFFF
+_FLT_MAX = torch.finfo(torch.float32).max
+
+
+# --------------------------------------------------------------------------- Philox
+def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) words of the 64-bit product of the constant ``a`` and uint32 values ``b``.
+
+    torch has no uint64 arithmetic, so the product is split into 16-bit halves of ``a``;
+    every partial product stays below 2^49 and fits a signed int64.
+    """
+    a_lo, a_hi = a & 0xFFFF, a >> 16
+    lo_part = b * a_lo
+    hi_part = b * a_hi
+    lo = (lo_part + ((hi_part & 0xFFFF) << 16)) & _MASK32
+    hi = (hi_part + (lo_part >> 16)) >> 16
+    return hi, lo
+
+
+def philox4x32_10(counter: list[torch.Tensor], key: tuple[torch.Tensor, torch.Tensor]) -> list[torch.Tensor]:
+    """Philox-4x32-10 on int64 tensors holding uint32 values (broadcasting).
+
+    ``counter`` is four tensors, ``key`` two; returns the four output words.
+    """
+    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64) & _MASK32 for c in counter)
+    k0, k1 = (torch.as_tensor(k, dtype=torch.int64) & _MASK32 for k in key)
+    for _ in range(10):
+        hi0, lo0 = _mulhilo32(0xD2511F53, c0)
+        hi1, lo1 = _mulhilo32(0xCD9E8D57, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = (k0 + 0x9E3779B9) & _MASK32
+        k1 = (k1 + 0xBB67AE85) & _MASK32
+    return [c0, c1, c2, c3]
+
+
+def _split64(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Low and high 32-bit words of int64 values (two's complement for negatives)."""
+    value = value.to(torch.int64)
+    return value & _MASK32, (value >> 32) & _MASK32
+
+
+def random_words(seed: torch.Tensor, stream: int, position: torch.Tensor, offset: torch.Tensor,
+                 num: int) -> torch.Tensor:
+    """32-bit random words for vocabulary indices 0..num-1, as int64 in [0, 2^32).
+
+    seed, position, offset: [N] int64 (position may be int). Returns [N, num].
+    Counter = (v >> 2, (stream << 24) | position, low32(offset), high32(offset)),
+    key = (low32(seed), high32(seed)), word v & 3.
+    """
+    seed = torch.as_tensor(seed, dtype=torch.int64).reshape(-1, 1)
+    offset = torch.as_tensor(offset, dtype=torch.int64).reshape(-1, 1)
+    position = torch.as_tensor(position, dtype=torch.int64).reshape(-1, 1)
+    groups = torch.arange((num + 3) // 4, dtype=torch.int64, device=seed.device).reshape(1, -1)
+    key0, key1 = _split64(seed)
+    off_lo, off_hi = _split64(offset)
+    c1 = (stream << 24) | (position & 0xFFFFFF)
+    words = philox4x32_10([groups, c1, off_lo, off_hi], (key0, key1))
+    words = torch.broadcast_tensors(*words)
+    return torch.stack(words, dim=-1).reshape(seed.shape[0], groups.shape[1] * 4)[:, :num]
+
+
+def acceptance_uniform(words: torch.Tensor) -> torch.Tensor:
+    """u = ((x >> 8) + 0.5) * 2^-24 as float64 (25 significant bits: exact, never 0 or 1)."""
+    return ((words >> 8).to(torch.float64) + 0.5) * 2.0**-24
+
+
+def exponential(words: torch.Tensor) -> torch.Tensor:
+    """Standard exponential E = -log(u) from 32-bit words, float32, never 0 or inf.
+
+    For x < 2^31: u = (float(x) + 0.5) * 2^-32, E = -log(u). For x >= 2^31 the
+    complement keeps the precision near E = 0: E = -log1p(-(float(2^32-1-x) + 0.5) * 2^-32).
+    """
+    low = words < 0x80000000
+    comp = torch.where(low, words, _MASK32 - words)
+    w = (comp.to(torch.float32) + 0.5) * 2.0**-32
+    return torch.where(low, -torch.log(w), -torch.log1p(-w))
+
+
+def sanitize(logits: torch.Tensor) -> torch.Tensor:
+    """float32 copy with NaN -> -inf and +inf -> the largest finite float."""
+    y = logits.float()
+    y = torch.where(torch.isnan(y), torch.full_like(y, -float("inf")), y)
+    return torch.clamp(y, max=_FLT_MAX)
+
+
+# --------------------------------------------------------------------------- filters
+def filter_mask(y: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
+    """Boolean mask of the tokens kept by top-k then top-p, row-wise. y: [N, V] float32.
+
+    top-k keeps v iff fewer than k tokens have a strictly larger logit (ties at the
+    boundary are all kept); k <= 0 or k >= V means off. top-p then keeps v iff the
+    probability mass, within the top-k set, of the tokens strictly more likely than v is
+    below top_p times the mass of the set; the most likely tokens are always kept and
+    top_p >= 1 (or NaN) means off. Both are thresholds: the mask is y >= tau per row.
+    Tokens with y = -inf are never kept.
+    """
+    n, vocab = y.shape
+    keep = y > -float("inf")
+    if top_k is None and top_p is None:
+        return keep
+    sorted_y, _ = torch.sort(y, dim=-1, descending=True)
+    tau = torch.full((n,), -float("inf"), dtype=torch.float32, device=y.device)
+    if top_k is not None:
+        k = top_k.to(torch.int64)
+        k_on = (k > 0) & (k < vocab)
+        kth = sorted_y.gather(1, (k.clamp(1, vocab) - 1).unsqueeze(1)).squeeze(1)
+        tau = torch.where(k_on, kth, tau)
+    if top_p is not None:
+        p = top_p.float()
+        p_on = p < 1.0  # False for NaN as well
+        m = sorted_y[:, :1]
+        in_set = sorted_y >= tau.unsqueeze(1)
+        q = torch.where(in_set & (sorted_y > -float("inf")), torch.exp(sorted_y - m), torch.zeros_like(sorted_y))
+        total = q.sum(dim=1)
+        mass_before = torch.cumsum(q, dim=1) - q  # mass of the entries sorted before
+        below = (mass_before < (p * total).unsqueeze(1)) & in_set
+        # Tokens tied with a kept token are kept too, so the cut is at the value of the
+        # last sorted entry whose preceding mass is below the limit (entry 0 always is).
+        last = (below.sum(dim=1) - 1).clamp(min=0)
+        tau_p = sorted_y.gather(1, last.unsqueeze(1)).squeeze(1)
+        tau = torch.where(p_on, torch.maximum(tau, tau_p), tau)
+    return keep & (y >= tau.unsqueeze(1))
+
+
+def _probabilities(y: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """p_v = keep_v * exp(y_v - m) / S with m the row max and S the kept mass; 0 if empty."""
+    m = torch.where(keep, y, torch.full_like(y, -float("inf"))).amax(dim=1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    q = torch.where(keep, torch.exp(y - m), torch.zeros_like(y))
+    total = q.sum(dim=1, keepdim=True)
+    return torch.where(total > 0, q / total.clamp(min=torch.finfo(torch.float32).tiny), torch.zeros_like(q))
+
+
+def _argmax_or_none(keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Row argmax of keys over valid entries, ties to the smallest index, -1 if none."""
+    masked = torch.where(valid, keys, torch.full_like(keys, -float("inf")))
+    best = masked.amax(dim=1, keepdim=True)
+    hit = valid & (masked == best)
+    vocab = keys.shape[1]
+    idx = torch.arange(vocab, device=keys.device).expand_as(keys)
+    first = torch.where(hit, idx, torch.full_like(idx, vocab)).amin(dim=1)
+    return torch.where(first < vocab, first, torch.full_like(first, -1))
+
+
+# --------------------------------------------------------------------------- verify
+def _check_verify_args(target_logits, target_offset, draft_tokens, draft_logits, num_draft,
+                       temperature, seed, offset, top_k, top_p):
+    if target_logits.dim() != 2:
+        raise ValueError(f"target_logits must be [Nt, V], got shape {tuple(target_logits.shape)}")
+    if draft_tokens.dim() != 2:
+        raise ValueError(f"draft_tokens must be [B, K], got shape {tuple(draft_tokens.shape)}")
+    batch, max_draft = draft_tokens.shape
+    vocab = target_logits.shape[1]
+    rows = target_logits.shape[0]
+    for name, tensor in (("target_offset", target_offset), ("num_draft", num_draft),
+                         ("temperature", temperature), ("seed", seed), ("offset", offset),
+                         ("top_k", top_k), ("top_p", top_p)):
+        if tensor is not None and tuple(tensor.shape) != (batch,):
+            raise ValueError(f"{name} must have shape [{batch}], got {tuple(tensor.shape)}")
+    if draft_logits is not None and tuple(draft_logits.shape) != (batch, max_draft, vocab):
+        raise ValueError(f"draft_logits must be [{batch}, {max_draft}, {vocab}], got {tuple(draft_logits.shape)}")
+    if bool(((num_draft < 0) | (num_draft > max_draft)).any()):
+        raise ValueError(f"num_draft must lie in [0, K={max_draft}]")
+    if bool(((target_offset < 0) | (target_offset + num_draft.to(torch.int64) + 1 > rows)).any()):
+        raise ValueError(f"target_offset: rows target_offset[b] .. +num_draft[b] must lie in [0, {rows})")
+    used = torch.arange(max_draft, device=draft_tokens.device).unsqueeze(0) < num_draft.unsqueeze(1)
+    if bool((used & ((draft_tokens < 0) | (draft_tokens >= vocab))).any()):
+        raise ValueError(f"draft_tokens: the first num_draft[b] ids must lie in [0, V={vocab})")
+
+
+def verify(target_logits: torch.Tensor, target_offset: torch.Tensor, draft_tokens: torch.Tensor,
+           draft_logits: torch.Tensor | None, num_draft: torch.Tensor, temperature: torch.Tensor,
+           seed: torch.Tensor, offset: torch.Tensor, top_k: torch.Tensor | None = None,
+           top_p: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lossless speculative sampling (the spec of ``torch.ops.dspark.verify``).
+
+    Args:
+        target_logits: [Nt, V]; request b's rows are target_offset[b] .. + num_draft[b].
+        target_offset: [B] int64.
+        draft_tokens: [B, K] int64, target vocabulary.
+        draft_logits: [B, K, V] logits the drafts were sampled from, or None for
+            deterministic drafts (p_d is one-hot on the draft).
+        num_draft: [B] int32, L_b in [0, K].
+        temperature, seed, offset: [B] float32 / int64 / int64.
+        top_k, top_p: [B] int32 / float32 or None; they filter the target distribution.
+
+    Returns:
+        out_tokens [B, K+1] int64 (-1 padded) and num_accepted [B] int32.
+
+    Per request with L = num_draft[b], row j of the target is y_t = sanitize(t_j / T).
+    Sampling (T > 0): p_t = filtered softmax(y_t), p_d = softmax(y_d) (unfiltered, same T,
+    one-hot if draft_logits is None). Draft j is accepted iff u_j * p_d(x_j) < p_t(x_j)
+    (float64, u_j from stream 1 at position j). At the first rejection j the token is the
+    race argmax_v r_v / E_v over r = max(0, p_t - p_d) (stream 2, position j); if r has no
+    mass it falls back to the target race. If all L are accepted, the bonus is the race
+    argmax_v (y_t,v - log E_v) over the kept tokens of row L (stream 2, position L).
+    Greedy (T <= 0): accept while x_j == argmax(t_j), then emit argmax. A row with no
+    mass emits -1, which ends the request's tokens.
+    """
+    _check_verify_args(target_logits, target_offset, draft_tokens, draft_logits, num_draft,
+                       temperature, seed, offset, top_k, top_p)
+    batch, max_draft = draft_tokens.shape
+    vocab = target_logits.shape[1]
+    device = target_logits.device
+    out_tokens = torch.full((batch, max_draft + 1), -1, dtype=torch.int64, device=device)
+    num_accepted = torch.zeros(batch, dtype=torch.int32, device=device)
+    for b in range(batch):
+        length = int(num_draft[b])
+        start = int(target_offset[b])
+        rows = target_logits[start:start + length + 1].float()  # [L+1, V]
+        drafts = draft_tokens[b, :length]
+        temp = float(temperature[b])
+        if not temp > 0.0:
+            rows = sanitize(rows)
+            target_best = _argmax_or_none(rows, rows > -float("inf"))
+            accepted = 0
+            while accepted < length and int(drafts[accepted]) == int(target_best[accepted]):
+                accepted += 1
+            emitted = int(target_best[accepted])
+        else:
+            temp_t = torch.tensor(temp, dtype=torch.float32, device=device)
+            y_t = sanitize(rows / temp_t)
+            keep = filter_mask(
+                y_t,
+                None if top_k is None else top_k[b].expand(length + 1),
+                None if top_p is None else top_p[b].expand(length + 1),
+            )
+            p_t = _probabilities(y_t, keep)
+            if draft_logits is None:
+                p_d = torch.zeros(length, vocab, dtype=torch.float32, device=device)
+                p_d[torch.arange(length, device=device), drafts] = 1.0
+            else:
+                y_d = sanitize(draft_logits[b, :length].float() / temp_t)
+                p_d = _probabilities(y_d, y_d > -float("inf"))
+            positions = torch.arange(length, device=device)
+            u_words = random_words(seed[b].expand(length), STREAM_ACCEPT, positions, offset[b].expand(length), 1)[:, 0]
+            u = acceptance_uniform(u_words)
+            pt_x = p_t[positions, drafts].double()
+            pd_x = p_d[positions, drafts].double()
+            accept = u * pd_x < pt_x
+            rejected = (~accept).nonzero()
+            accepted = int(rejected[0]) if rejected.numel() else length
+            words = random_words(seed[b:b + 1], STREAM_RESAMPLE, accepted, offset[b:b + 1], vocab)[0]
+            energy = exponential(words)
+            if accepted < length:
+                residual = torch.clamp(p_t[accepted] - p_d[accepted], min=0.0)
+                emitted = int(_argmax_or_none((residual / energy).unsqueeze(0), (residual > 0).unsqueeze(0))[0])
+                if emitted < 0:
+                    emitted = int(_argmax_or_none((y_t[accepted] - torch.log(energy)).unsqueeze(0),
+                                                  keep[accepted].unsqueeze(0))[0])
+            else:
+                emitted = int(_argmax_or_none((y_t[length] - torch.log(energy)).unsqueeze(0),
+                                              keep[length].unsqueeze(0))[0])
+        out_tokens[b, :accepted] = drafts[:accepted]
+        out_tokens[b, accepted] = emitted
+        num_accepted[b] = accepted
+    return out_tokens, num_accepted
+
+
+# --------------------------------------------------------------------------- markov_draft
+def markov_draft(backbone_logits: torch.Tensor, anchor: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                 temperature: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor,
+                 d2t: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Low-rank Markov correction and sampling (the spec of ``torch.ops.dspark.markov_draft``).
+
+    Args:
+        backbone_logits: [B, K, Vd] U, float32/bfloat16/float16.
+        anchor: [B] int64, the last committed token (target vocabulary).
+        w1: [Vt, r] embedding over the target vocabulary.
+        w2: [Vd, r] (nn.Linear(r, Vd).weight layout).
+        temperature, seed, offset: [B] float32 / int64 / int64.
+        d2t: [Vd] int64 draft-to-target id map, or None for the identity (Vd == Vt).
+
+    Returns:
+        draft_tokens [B, K] int64 (target vocabulary) and draft_logits [B, K, Vd] (dtype of U).
+
+    Step k: z_k = round(U_k + W2 @ W1[x_{k-1}]) in U's dtype (float32 arithmetic),
+    x_{-1} = anchor. The token is drawn from the stored z_k: greedy argmax if T <= 0, else
+    the race argmax_v (z_v / T - log E_v) with stream 0 at position k over the draft
+    vocabulary, then mapped through d2t. A step with no mass emits -1; every later step of
+    that request emits -1 too and stores U uncorrected.
+    """
+    if backbone_logits.dim() != 3:
+        raise ValueError(f"backbone_logits must be [B, K, Vd], got {tuple(backbone_logits.shape)}")
+    batch, steps, draft_vocab = backbone_logits.shape
+    target_vocab = w1.shape[0]
+    if w2.shape[0] != draft_vocab or w2.shape[1] != w1.shape[1]:
+        raise ValueError(f"w2 must be [{draft_vocab}, {w1.shape[1]}], got {tuple(w2.shape)}")
+    device = backbone_logits.device
+    tokens = torch.full((batch, steps), -1, dtype=torch.int64, device=device)
+    z_all = torch.empty_like(backbone_logits)
+    prev = anchor.to(torch.int64).clone()
+    alive = torch.ones(batch, dtype=torch.bool, device=device)
+    for k in range(steps):
+        safe_prev = prev.clamp(0, target_vocab - 1)
+        correction = w1[safe_prev].float() @ w2.float().t()  # [B, Vd]
+        correction = torch.where(alive.unsqueeze(1), correction, torch.zeros_like(correction))
+        z = (backbone_logits[:, k].float() + correction).to(backbone_logits.dtype)
+        z_all[:, k] = z
+        y = sanitize(z)
+        greedy = ~(temperature > 0)
+        scaled = sanitize(z.float() / torch.where(greedy, torch.ones_like(temperature), temperature).float().unsqueeze(1))
+        words = random_words(seed, STREAM_DRAFT, k, offset, draft_vocab)
+        keys = torch.where(greedy.unsqueeze(1), y, scaled - torch.log(exponential(words)))
+        choice = _argmax_or_none(keys, y > -float("inf"))
+        mapped = choice if d2t is None else torch.where(choice >= 0, d2t[choice.clamp(min=0)], choice)
+        mapped = torch.where(alive, mapped, torch.full_like(mapped, -1))
+        tokens[:, k] = mapped
+        alive = alive & (mapped >= 0)
+        prev = mapped
+    return tokens, z_all
+
+
+# --------------------------------------------------------------------------- confidence
+def confidence(hidden: torch.Tensor, prev_tokens: torch.Tensor, w1: torch.Tensor | None, weight: torch.Tensor,
+               bias: torch.Tensor, sts_temperature: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Confidence head with STS and survival (the spec of ``torch.ops.dspark.confidence``).
+
+    Args:
+        hidden: [B, K, d] float32/bfloat16/float16.
+        prev_tokens: [B, K] int64: anchor, x_0 .. x_{K-2}.
+        w1: [Vt, r] or None (the head then sees h only).
+        weight: [d + r] (or [d] when w1 is None); bias: [] or [1].
+        sts_temperature: [K] float32 or None (all ones).
+
+    Returns:
+        conf [B, K] = sigmoid((weight . [h_k; W1[prev_k]] + bias) / T_k) and
+        survival [B, K] = cumulative product of conf along K, both float32.
+    """
+    features = hidden.float()
+    if w1 is not None:
+        features = torch.cat([features, w1[prev_tokens].float()], dim=-1)
+    logit = features @ weight.float() + bias.float().reshape(())
+    if sts_temperature is not None:
+        logit = logit / sts_temperature.float()
+    conf = torch.sigmoid(logit)
+    return conf, torch.cumprod(conf, dim=1)

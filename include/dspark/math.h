@@ -1,0 +1,166 @@
+// Scalar math shared by the CPU kernels, the CUDA kernels and the C++ tests.
+//
+// Everything here is the random-number and sampling spec of DESIGN.md written once:
+// Philox-4x32-10, the counter layout of the three streams, the acceptance uniform, the
+// exponential used by the race, and the treatment of NaN/Inf logits. No torch includes,
+// so kernels and tests can use it without pulling in ATen.
+#pragma once
+
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define DSPARK_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define DSPARK_HOST_DEVICE inline
+#endif
+
+namespace dspark {
+
+// Philox streams (the "stream" field of the counter).
+enum RandomStream : uint32_t {
+  kStreamDraft = 0,     // markov_draft sampling, position = step k
+  kStreamAccept = 1,    // acceptance uniforms, v = 0, position = draft index j
+  kStreamResample = 2,  // recovery (position = rejected j) and bonus (position = L_b)
+};
+
+struct Philox4 {
+  uint32_t x[4];
+};
+
+DSPARK_HOST_DEVICE void mulhilo32(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
+#if defined(__CUDA_ARCH__)
+  lo = a * b;
+  hi = __umulhi(a, b);
+#else
+  const uint64_t product = static_cast<uint64_t>(a) * static_cast<uint64_t>(b);
+  lo = static_cast<uint32_t>(product);
+  hi = static_cast<uint32_t>(product >> 32);
+#endif
+}
+
+// Philox-4x32 with 10 rounds (Salmon et al., SC'11; constants as in Random123).
+DSPARK_HOST_DEVICE Philox4 philox4x32_10(Philox4 counter, uint32_t key0, uint32_t key1) {
+  constexpr uint32_t kMul0 = 0xD2511F53u, kMul1 = 0xCD9E8D57u;
+  constexpr uint32_t kWeyl0 = 0x9E3779B9u, kWeyl1 = 0xBB67AE85u;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int round = 0; round < 10; ++round) {
+    uint32_t hi0, lo0, hi1, lo1;
+    mulhilo32(kMul0, counter.x[0], hi0, lo0);
+    mulhilo32(kMul1, counter.x[2], hi1, lo1);
+    Philox4 next;
+    next.x[0] = hi1 ^ counter.x[1] ^ key0;
+    next.x[1] = lo1;
+    next.x[2] = hi0 ^ counter.x[3] ^ key1;
+    next.x[3] = lo0;
+    counter = next;
+    key0 += kWeyl0;
+    key1 += kWeyl1;
+  }
+  return counter;
+}
+
+// The four 32-bit words for vocabulary indices 4*group .. 4*group+3 of one
+// (seed, stream, position, offset). Word v & 3 of group v >> 2 belongs to index v.
+DSPARK_HOST_DEVICE Philox4 random_group(uint64_t seed, uint32_t stream, uint32_t position,
+                                        uint64_t offset, uint32_t group) {
+  Philox4 counter;
+  counter.x[0] = group;
+  counter.x[1] = (stream << 24) | (position & 0xFFFFFFu);
+  counter.x[2] = static_cast<uint32_t>(offset);
+  counter.x[3] = static_cast<uint32_t>(offset >> 32);
+  return philox4x32_10(counter, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+}
+
+DSPARK_HOST_DEVICE uint32_t random_word(uint64_t seed, uint32_t stream, uint32_t position,
+                                        uint64_t offset, uint32_t v) {
+  return random_group(seed, stream, position, offset, v >> 2).x[v & 3];
+}
+
+// Acceptance uniform u = ((x >> 8) + 0.5) * 2^-24, in (0, 1). It needs 25 significant
+// bits, so it is a double: float32 would round the largest value up to 1.
+DSPARK_HOST_DEVICE double acceptance_uniform(uint32_t x) {
+  return (static_cast<double>(x >> 8) + 0.5) * 0x1p-24;
+}
+
+// Accept draft x when u * p_draft(x) < p_target(x). In double the product of a 25-bit u
+// and a 24-bit float is exact, so every implementation makes the same decision for the
+// same probabilities.
+DSPARK_HOST_DEVICE bool accept_draft(uint32_t x, float p_target, float p_draft) {
+  return acceptance_uniform(x) * static_cast<double>(p_draft) < static_cast<double>(p_target);
+}
+
+// Standard exponential E = -log(u) from all 32 bits, never 0 and never inf. The upper
+// half of the range goes through log1p of the complement so that E near 0 keeps its
+// precision: E lies in [1.16e-10, 22.2].
+DSPARK_HOST_DEVICE float exponential_from_bits(uint32_t x) {
+  if (x < 0x80000000u) {
+    const float u = (static_cast<float>(x) + 0.5f) * 0x1p-32f;
+    return -logf(u);
+  }
+  const float w = (static_cast<float>(0xFFFFFFFFu - x) + 0.5f) * 0x1p-32f;
+  return -log1pf(-w);
+}
+
+// Key of the exponential race in log space: argmax_v (y_v - log E_v) is a sample of
+// softmax(y). Used for the draft step and the bonus token.
+DSPARK_HOST_DEVICE float race_key_log(float scaled_logit, uint32_t x) {
+  return scaled_logit - logf(exponential_from_bits(x));
+}
+
+// Key of the race in probability space: argmax_v (r_v / E_v) is a sample of r / sum(r).
+// Used for the residual max(0, p_t - p_d), which is not a softmax of logits.
+DSPARK_HOST_DEVICE float race_key_prob(float weight, uint32_t x) {
+  return weight / exponential_from_bits(x);
+}
+
+// NaN counts as -inf; +inf becomes the largest finite float so that max-subtraction
+// never forms inf - inf (a row with +inf logits puts all its mass on them).
+DSPARK_HOST_DEVICE float sanitize_logit(float y) {
+  if (y != y) return -INFINITY;
+  return y > FLT_MAX ? FLT_MAX : y;
+}
+
+// Maps a float to an unsigned key with the same order (-inf lowest), for radix select.
+DSPARK_HOST_DEVICE uint32_t ordered_key(float y) {
+  uint32_t bits;
+#if defined(__CUDA_ARCH__)
+  bits = __float_as_uint(y);
+#else
+  __builtin_memcpy(&bits, &y, sizeof(bits));
+#endif
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+DSPARK_HOST_DEVICE float key_to_float(uint32_t key) {
+  const uint32_t bits = (key & 0x80000000u) ? (key & 0x7FFFFFFFu) : ~key;
+  float y;
+#if defined(__CUDA_ARCH__)
+  y = __uint_as_float(bits);
+#else
+  __builtin_memcpy(&y, &bits, sizeof(y));
+#endif
+  return y;
+}
+
+// Greedy / race winner: larger key wins, ties go to the smaller index. An index of -1
+// means "none yet" and loses to everything.
+struct ArgMax {
+  float key;
+  int64_t index;
+};
+
+DSPARK_HOST_DEVICE bool beats(float key, int64_t index, const ArgMax& current) {
+  if (index < 0) return false;
+  if (current.index < 0) return true;
+  return key > current.key || (key == current.key && index < current.index);
+}
+
+DSPARK_HOST_DEVICE ArgMax merge(const ArgMax& a, const ArgMax& b) {
+  return beats(b.key, b.index, a) ? b : a;
+}
+
+}  // namespace dspark
