@@ -1,0 +1,60 @@
+# make demo   — build (if needed) and run the demo on a synthetic batch
+# make test   — build including the CUDA compile, then ctest and pytest
+# Both create .venv and install what they need on a fresh machine.
+#
+# Variables: CPU_ONLY=1 skips the CUDA compile (quick iteration); PYTHON picks the
+# interpreter that creates the venv; MAX_JOBS bounds the compile jobs.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
+TORCH_CUDA_ARCH_LIST ?= 9.0a
+MAX_JOBS ?= 2
+CPU_ONLY ?= 0
+BUILD_ENV := CUDA_HOME=$(CUDA_HOME) TORCH_CUDA_ARCH_LIST=$(TORCH_CUDA_ARCH_LIST) MAX_JOBS=$(MAX_JOBS) \
+	DSPARK_CPU_ONLY=$(CPU_ONLY)
+SOURCES := $(shell find csrc include -type f) setup.py
+STAMP := $(VENV)/.dspark-build-cpu$(CPU_ONLY)
+
+.PHONY: demo test build venv ctest pytest bench bench-cpu gpu-check clean
+
+demo: $(STAMP)
+	$(PY) -m dspark_ext.demo
+
+test: $(STAMP) ctest pytest
+
+venv: $(VENV)/.deps
+$(VENV)/.deps: requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+build: $(STAMP)
+$(STAMP): $(VENV)/.deps $(SOURCES)
+	rm -f $(VENV)/.dspark-build-cpu*
+	$(BUILD_ENV) $(PY) -m pip install --no-build-isolation --no-deps -e . 2>&1 | tail -n 25
+	$(PY) -c "import torch, dspark_ext; print('dspark_ext built; CUDA kernel registered:', torch._C._dispatch_has_kernel_for_dispatch_key('dspark::verify', 'CUDA'))"
+	touch $@
+
+ctest: $(VENV)/.deps
+	cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release -DDSPARK_BUILD_EXTENSION=OFF \
+		-DPython3_EXECUTABLE=$(abspath $(PY)) > build/cmake.log 2>&1 || (cat build/cmake.log; exit 1)
+	cmake --build build/cmake -j $(MAX_JOBS)
+	ctest --test-dir build/cmake --output-on-failure
+
+pytest: $(STAMP)
+	$(PY) -m pytest python_tests -q -ra --durations=10
+
+bench: $(STAMP)
+	$(PY) bench/bench_verify.py --device $$($(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
+
+bench-cpu: $(STAMP)
+	$(PY) bench/bench_verify.py --device cpu
+
+gpu-check:
+	bash bench/gpu_check.sh
+
+clean:
+	rm -rf build dspark_ext/*.so *.egg-info $(VENV)/.dspark-build-cpu*
