@@ -363,7 +363,7 @@ def confidence(hidden: torch.Tensor, prev_tokens: torch.Tensor, w1: torch.Tensor
         sts_temperature: [K] float32 or None (all ones).
 
     Returns:
-        conf [B, K] = sigmoid((weight . [h_k; W1[prev_k]] + bias) / T_k) and
+        conf [B, K] = sigmoid((weight . [h_k; W1[prev_k]] + bias) / T_k) (0 where that is NaN) and
         survival [B, K] = cumulative product of conf along K, both float32.
     """
     features = hidden.float()
@@ -372,5 +372,7 @@ def confidence(hidden: torch.Tensor, prev_tokens: torch.Tensor, w1: torch.Tensor
     logit = features @ weight.float() + bias.float().reshape(())
     if sts_temperature is not None:
         logit = logit / sts_temperature.float()
-    conf = torch.sigmoid(logit)
+    # A NaN logit (NaN in the hidden state) gives confidence 0: that draft is not verified,
+    # which costs throughput but never correctness.
+    conf = torch.nan_to_num(torch.sigmoid(logit), nan=0.0)
     return conf, torch.cumprod(conf, dim=1)

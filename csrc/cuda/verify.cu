@@ -1,4 +1,5 @@
 // verify on CUDA: checks, dtype dispatch and the two launches of include/dspark/verify.cuh.
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
