@@ -95,7 +95,7 @@ DSPARK_HOST_DEVICE bool accept_draft(uint32_t x, float p_target, float p_draft) 
 
 // Standard exponential E = -log(u) from all 32 bits, never 0 and never inf. The upper
 // half of the range goes through log1p of the complement so that E near 0 keeps its
-// precision: E lies in [1.16e-10, 22.2].
+// precision: E lies in [1.16e-10, 22.9].
 DSPARK_HOST_DEVICE float exponential_from_bits(uint32_t x) {
   if (x < 0x80000000u) {
     const float u = (static_cast<float>(x) + 0.5f) * 0x1p-32f;
