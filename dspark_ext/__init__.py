@@ -2,10 +2,10 @@
 import torch
 
 from . import _C  # noqa: F401  (loads the library: registers the ops' CPU/CUDA kernels)
-from . import ops, reference  # noqa: F401
+from . import ops, reference, scheduler, sts  # noqa: F401
 from .ops import confidence, markov_draft, verify  # noqa: F401
 
-__all__ = ["ops", "reference", "verify", "markov_draft", "confidence", "cuda_available"]
+__all__ = ["ops", "reference", "scheduler", "sts", "verify", "markov_draft", "confidence", "cuda_available"]
 
 
 def cuda_available() -> bool:

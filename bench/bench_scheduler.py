@@ -1,0 +1,239 @@
+"""Benchmark of dspark_ext.scheduler.LoadAwareScheduler.plan: time per round.
+
+Run from the repository root:
+    PYTHONPATH=. python bench/bench_scheduler.py --device cpu
+    python bench/bench_scheduler.py --device cuda [--batches 1 256] [--reps 2000] [--out DIR]
+
+Points: B in {1, 8, 32, 64, 128, 256}, K = 8, modes early_stop / capacity / fixed.
+Input: survival = cumulative product along K of U(0.5, 1) (seeded), float32 on the device;
+cost profile (synthetic, shape of a real target): 10 ms flat up to 512 verified tokens,
+then linear to 80 ms at 4096 tokens, so plans are neither "verify all" nor "verify none".
+
+Timing (warm caches: the scheduler's inputs are tiny and stay cached in practice):
+- CPU: time.perf_counter around each plan call; median of --reps runs after --warmup.
+- CUDA, "eager": a pair of CUDA events around each plan call (the GPU timeline from the
+  first to the last kernel of the call, which includes waiting for the host to launch
+  them: for launch-bound work like this, that is the latency a decoding loop sees).
+- CUDA, "graph": the plan captured once in a CUDA graph, events around graph.replay().
+The median is reported in µs. DESIGN.md target: <= 50 µs per plan at B = 256 on a GPU.
+
+Writes DIR/scheduler_<device>.json (machine info, date, git commit) and
+DIR/scheduler_<device>.png, prints a markdown table on stdout (progress on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (bench/common.py)
+
+sys.path.insert(0, common.REPO_ROOT)
+from dspark_ext.scheduler import MODES, CostProfile, LoadAwareScheduler  # noqa: E402
+
+BATCHES = (1, 8, 32, 64, 128, 256)
+MAX_DRAFT = 8
+TARGET_US = 50.0
+TARGET_BATCH = 256
+
+
+def bench_cost() -> CostProfile:
+    """10 ms up to 512 tokens, then linear to 80 ms at 4096 tokens."""
+    return CostProfile([1, 512, 4096], [0.010, 0.010, 0.080], metadata={"synthetic": True})
+
+
+def make_survival(batch: int, device: torch.device, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed + batch)
+    conf = torch.rand(batch, MAX_DRAFT, generator=gen) * 0.5 + 0.5
+    return torch.cumprod(conf, dim=1).to(device)
+
+
+def time_cpu(fn, reps: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        begin = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - begin) * 1e6)
+    return times
+
+
+def time_cuda(fn, reps: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) * 1e3 for start, end in events]
+
+
+def capture(scheduler: LoadAwareScheduler, survival: torch.Tensor):
+    """(graph, output) of one plan captured in a CUDA graph, after warm-up on a side stream."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            scheduler.plan(survival)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = scheduler.plan(survival)
+    return graph, out
+
+
+def run_point(batch: int, mode: str, device: torch.device, args) -> list[dict]:
+    survival = make_survival(batch, device, args.seed)
+    scheduler = LoadAwareScheduler(bench_cost(), MAX_DRAFT, mode, fixed_len=4)
+    lengths = scheduler.plan(survival)
+    base = {"B": batch, "K": MAX_DRAFT, "mode": mode, "mean_len": float(lengths.float().mean())}
+    records = []
+    if device.type == "cpu":
+        times = time_cpu(lambda: scheduler.plan(survival), args.reps, args.warmup)
+        records.append(dict(base, variant="eager", us=statistics.median(times), us_min=min(times), reps=len(times)))
+        return records
+    times = time_cuda(lambda: scheduler.plan(survival), args.reps, args.warmup)
+    records.append(dict(base, variant="eager", us=statistics.median(times), us_min=min(times), reps=len(times)))
+    # host wall time per call, many calls back to back (throughput of the launch path)
+    torch.cuda.synchronize()
+    begin = time.perf_counter()
+    for _ in range(args.reps):
+        scheduler.plan(survival)
+    torch.cuda.synchronize()
+    records[-1]["host_us_per_call"] = (time.perf_counter() - begin) * 1e6 / args.reps
+    graph, out = capture(scheduler, survival)
+    times = time_cuda(graph.replay, args.reps, args.warmup)
+    torch.cuda.synchronize()
+    record = dict(base, variant="graph", us=statistics.median(times), us_min=min(times), reps=len(times))
+    record["graph_matches_eager"] = (mode == "capacity") or bool(torch.equal(out, lengths))
+    records.append(record)
+    return records
+
+
+def table(records: list[dict]) -> str:
+    variants = sorted({r["variant"] for r in records}, key=["eager", "graph"].index)
+    headers = ["B", "K"] + [f"{mode} {v} µs" for mode in MODES for v in variants] + ["mean L (early_stop)"]
+    rows = []
+    for batch in sorted({r["B"] for r in records}):
+        row = [batch, MAX_DRAFT]
+        for mode in MODES:
+            for variant in variants:
+                hit = [r for r in records if r["B"] == batch and r["mode"] == mode and r["variant"] == variant]
+                row.append(hit[0]["us"] if hit else None)
+        early = [r for r in records if r["B"] == batch and r["mode"] == "early_stop"]
+        row.append(early[0]["mean_len"] if early else None)
+        rows.append(row)
+    return common.markdown_table(headers, rows)
+
+
+def plot(records: list[dict], info: dict, path: str, device: torch.device) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    styles = {"eager": "-", "graph": "--"}
+    colors = {"early_stop": "tab:blue", "capacity": "tab:orange", "fixed": "tab:green"}
+    for mode in MODES:
+        for variant in styles:
+            points = sorted((r["B"], r["us"]) for r in records if r["mode"] == mode and r["variant"] == variant)
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], styles[variant], color=colors[mode],
+                        marker="o", markersize=4, label=f"{mode} ({variant})")
+    if device.type == "cuda":
+        ax.axhline(TARGET_US, color="tab:red", linestyle=":", linewidth=1, label=f"target {TARGET_US:g} µs")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size B (K = 8)")
+    ax.set_ylabel("µs per plan (median)")
+    ax.set_title(f"LoadAwareScheduler.plan on {info['device_name']} ({info['date'][:10]}, "
+                 f"{info.get('git_commit') or 'no commit'})", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--reps", type=int, default=None, help="timed runs per point (cuda 2000, cpu 300)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (cuda 50, cpu 20)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU: torch intra-op threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=os.path.join(common.REPO_ROOT, "bench", "out"))
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("bench_scheduler: no CUDA device visible", file=sys.stderr)
+        return 2
+    cuda = device.type == "cuda"
+    if args.reps is None:
+        args.reps = 2000 if cuda else 300
+    if args.warmup is None:
+        args.warmup = 50 if cuda else 20
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    info = common.machine_info(device)
+    info["load_average_start"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    print(f"bench_scheduler: {len(args.batches) * len(args.modes)} points on {info['device_name']} "
+          f"(torch {info['torch']}, commit {info['git_commit']}, {torch.get_num_threads()} threads)", file=sys.stderr)
+    records = []
+    begin = time.perf_counter()
+    for batch in args.batches:
+        for mode in args.modes:
+            for record in run_point(batch, mode, device, args):
+                records.append(record)
+                print(f"B={batch} {mode} {record['variant']}: {record['us']:.1f} µs", file=sys.stderr)
+    info["elapsed_s"] = round(time.perf_counter() - begin, 1)
+    info["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    info["settings"] = {k: v for k, v in vars(args).items() if k != "out"}
+    info["cost_profile"] = {"tokens": bench_cost().tokens, "seconds": bench_cost().seconds}
+
+    summary = {}
+    at_target = [r for r in records if r["B"] == TARGET_BATCH]
+    if at_target:
+        summary["us_at_B256"] = {f"{r['mode']}/{r['variant']}": r["us"] for r in at_target}
+        if cuda:
+            best = {m: min(r["us"] for r in at_target if r["mode"] == m) for m in {r["mode"] for r in at_target}}
+            summary[f"meets <= {TARGET_US:g} us at B = {TARGET_BATCH} (best variant)"] = {
+                m: us <= TARGET_US for m, us in best.items()}
+
+    os.makedirs(args.out, exist_ok=True)
+    json_path = os.path.join(args.out, f"scheduler_{device.type}.json")
+    png_path = os.path.join(args.out, f"scheduler_{device.type}.png")
+    with open(json_path, "w") as f:
+        json.dump({"benchmark": "scheduler", "machine": info, "summary": summary, "records": records}, f, indent=1)
+    try:
+        plot(records, info, png_path, device)
+    except Exception as error:  # a plot must not lose the measurements
+        print(f"bench_scheduler: plot failed: {error!r}", file=sys.stderr)
+
+    print(f"### LoadAwareScheduler.plan on {info['device_name']} — torch {info['torch']}, commit "
+          f"{info['git_commit']}, {info['date']}, {torch.get_num_threads()} threads\n")
+    print(table(records))
+    print()
+    print("summary: " + json.dumps(summary))
+    print(f"bench_scheduler: wrote {json_path} and {png_path} in {info['elapsed_s']} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

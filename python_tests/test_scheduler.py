@@ -1,0 +1,470 @@
+"""Tests of dspark_ext.scheduler: CostProfile and LoadAwareScheduler (paper Algorithm 1,
+the capacity variant, fixed lengths).
+
+Expected values are worked by hand in the comments or come from ``algorithm1`` below, a
+plain-Python transcription of Algorithm 1 that keeps the admitted set of drafts explicitly.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+
+import pytest
+import torch
+
+from dspark_ext.scheduler import CostProfile, LoadAwareScheduler
+
+
+def cuda_test(fn):
+    """Marks a CUDA-only test (``-m "not cuda"`` deselects it); skips it without a GPU."""
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")(fn))
+
+
+# Graph nodes that mean a device value was read on the host (or a data-dependent shape).
+_HOST_READS = {"item", "tolist", "nonzero", "numpy", "cpu", "__bool__", "__int__", "__float__"}
+
+
+def traced(fn):
+    """torch.compile(fn, fullgraph=True) with a backend that fails on host reads.
+
+    CPU proxy for "no host synchronisation": fullgraph fails on a Python branch on a
+    tensor value; the backend fails on .item()/int()/nonzero()/boolean-mask indexing,
+    which this torch traces into the graph (as item / _local_scalar_dense / unbacked
+    sizes checked by _assert_scalar) instead of breaking it."""
+    def backend(gm, example_inputs):
+        for node in gm.graph.nodes:
+            target = str(node.target)
+            bad = (node.op == "call_method" and node.target in _HOST_READS) or any(
+                word in target for word in ("nonzero", "_local_scalar_dense", "_assert_scalar"))
+            assert not bad, f"host read in the traced graph: {node.format_node()}"
+        return gm.forward
+    return torch.compile(fn, fullgraph=True, backend=backend)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors: intra-op threads only add contention on a shared 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------- Python Algorithm 1
+def sorted_drafts(survival: list[list[float]]) -> list[tuple[float, int, int]]:
+    """Drafts (value, b, k) sorted by value, highest first, ties by (b, k); survival is
+    sanitised (NaN -> 0, clamped to [0, 1]) and made non-increasing along k as documented.
+    Values are first rounded to float32, the precision plan() receives."""
+    survival = torch.tensor(survival, dtype=torch.float32).tolist()
+    drafts = []
+    for b, row in enumerate(survival):
+        running = 1.0
+        for k, value in enumerate(row):
+            value = 0.0 if value != value else min(max(value, 0.0), 1.0)
+            running = min(running, value)
+            drafts.append((running, b, k))
+    return sorted(drafts, key=lambda d: (-d[0], d[1], d[2]))
+
+
+def throughputs(drafts, batch: int, cost) -> list[float]:
+    """Theta(n) = (B + sum of the n best) / cost(B + n), n = 0..len(drafts)."""
+    theta, tau = [batch / cost(batch)], float(batch)
+    for n, (value, _, _) in enumerate(drafts):
+        tau += value
+        theta.append(tau / cost(batch + n + 1))
+    return theta
+
+
+def lengths_of(admitted, batch: int, max_draft: int) -> list[int]:
+    """Per-request count of the admitted drafts, after checking that they form prefixes."""
+    taken = {(b, k) for _, b, k in admitted}
+    lengths = [sum((b, k) in taken for k in range(max_draft)) for b in range(batch)]
+    assert taken == {(b, k) for b in range(batch) for k in range(lengths[b])}, "admitted drafts are not prefixes"
+    return lengths
+
+
+def algorithm1(survival: list[list[float]], cost) -> list[int]:
+    """Early stop: admit in sorted order while Theta strictly increases."""
+    drafts = sorted_drafts(survival)
+    theta = throughputs(drafts, len(survival), cost)
+    n = 0
+    while n < len(drafts) and theta[n + 1] > theta[n]:
+        n += 1
+    return lengths_of(drafts[:n], len(survival), len(survival[0]))
+
+
+def global_capacity(survival: list[list[float]], cost) -> int:
+    """C = the first argmax of Theta over n = 0..B*K."""
+    theta = throughputs(sorted_drafts(survival), len(survival), cost)
+    return max(range(len(theta)), key=lambda n: (theta[n], -n))
+
+
+def capacity_sequence(survivals: list[list[list[float]]], cost) -> list[list[int]]:
+    """Mode capacity over a sequence of calls: early stop twice, then top-C by current
+    survival with C from two calls earlier, clamped to the current B*K."""
+    out = []
+    for i, survival in enumerate(survivals):
+        if i < 2:
+            out.append(algorithm1(survival, cost))
+            continue
+        capacity = min(global_capacity(survivals[i - 2], cost), len(survival) * len(survival[0]))
+        out.append(lengths_of(sorted_drafts(survival)[:capacity], len(survival), len(survival[0])))
+    return out
+
+
+def plan_list(scheduler: LoadAwareScheduler, survival) -> list[int]:
+    out = scheduler.plan(torch.tensor(survival, dtype=torch.float32))
+    assert out.dtype == torch.int32 and out.shape == (len(survival),)
+    return out.tolist()
+
+
+AFFINE = CostProfile([0, 10], [1.0, 2.0])  # cost(n) = 1 + 0.1 n for every n >= 0
+
+
+# --------------------------------------------------------------------------- CostProfile
+def test_cost_profile_running_max_and_sorting():
+    cost = CostProfile([8, 1, 2, 4], [1.4, 1.0, 0.9, 1.5])
+    assert cost.tokens == [1.0, 2.0, 4.0, 8.0]
+    assert cost.measured_seconds == [1.0, 0.9, 1.5, 1.4]
+    assert cost.seconds == [1.0, 1.0, 1.5, 1.5]  # running max
+    assert cost(3) == pytest.approx(1.25)
+    assert cost(6) == pytest.approx(1.5)
+
+
+def test_cost_profile_interpolation_and_extrapolation():
+    cost = CostProfile([2, 4, 8], [1.0, 2.0, 3.0])
+    # below the first point: clamped to the first value
+    assert cost(0) == 1.0 and cost(1.5) == 1.0 and cost(2) == 1.0
+    # interpolation: 1 + (3 - 2) * 0.5; 2 + (6 - 4) * 0.25
+    assert cost(3) == pytest.approx(1.5) and cost(6) == pytest.approx(2.5) and cost(4.5) == pytest.approx(2.125)
+    # extrapolation with the slope of the last two points, 0.25 per token
+    assert cost(12) == pytest.approx(4.0) and cost(100) == pytest.approx(3.0 + 92 * 0.25)
+    n = torch.tensor([0, 2, 3, 6, 12, 100])
+    expected = torch.tensor([1.0, 1.0, 1.5, 2.5, 4.0, 26.0])
+    out = cost(n)
+    assert out.dtype == torch.float32 and out.device == n.device
+    torch.testing.assert_close(out, expected)
+    out64 = cost(n.double().reshape(2, 3))
+    assert out64.dtype == torch.float64 and out64.shape == (2, 3)
+    torch.testing.assert_close(out64, expected.double().reshape(2, 3))
+    assert isinstance(cost(5), float)
+    single = CostProfile([16], [0.5])
+    assert single(1) == 0.5 and single(1000) == 0.5
+    torch.testing.assert_close(single(torch.tensor([1.0, 1000.0])), torch.tensor([0.5, 0.5]))
+
+
+def test_cost_profile_rejects_bad_points():
+    with pytest.raises(ValueError, match="distinct"):
+        CostProfile([1, 1], [1.0, 2.0])
+    with pytest.raises(ValueError, match="seconds"):
+        CostProfile([1, 2], [1.0, 0.0])
+    with pytest.raises(ValueError, match="same length"):
+        CostProfile([1, 2], [1.0])
+    with pytest.raises(ValueError):
+        CostProfile([], [])
+
+
+def test_cost_profile_save_load_round_trip(tmp_path):
+    cost = CostProfile([1, 2, 4, 8], [1.0, 0.9, 1.5, 2.5], metadata={"model": "toy"})
+    path = tmp_path / "cost.json"
+    cost.save(path)
+    record = json.loads(path.read_text())
+    for key in ("device_name", "torch_version", "date", "tokens", "seconds", "measured_seconds"):
+        assert key in record, key
+    assert record["model"] == "toy" and record["seconds"] == [1.0, 1.0, 1.5, 2.5]
+    loaded = CostProfile.load(path)
+    assert loaded.tokens == cost.tokens and loaded.seconds == cost.seconds
+    assert loaded.measured_seconds == cost.measured_seconds and loaded.metadata["model"] == "toy"
+    for n in (0, 3, 5, 20):
+        assert loaded(n) == cost(n)
+
+
+def test_cost_profile_measure_cpu():
+    calls = []
+
+    def step(n: int) -> None:
+        calls.append(n)
+        time.sleep(0.002 * n)
+
+    cost = CostProfile.measure(step, [1, 4, 8], repeats=3, warmup=1, device="cpu")
+    assert calls == [1] * 4 + [4] * 4 + [8] * 4
+    assert cost.measured_seconds[0] < cost.measured_seconds[1] < cost.measured_seconds[2]
+    assert cost.measured_seconds[2] >= 0.016
+    assert cost.metadata["timer"] == "perf_counter" and len(cost.metadata["raw_seconds"]["8"]) == 3
+
+
+@cuda_test
+def test_cost_profile_measure_cuda():
+    cycles = 200_000
+
+    def step(n: int) -> None:
+        torch.cuda._sleep(cycles * n)
+
+    cost = CostProfile.measure(step, [1, 4, 16], repeats=5, warmup=2, device="cuda")
+    assert cost.metadata["timer"] == "cuda_events"
+    assert cost.measured_seconds[0] < cost.measured_seconds[1] < cost.measured_seconds[2]
+
+
+# --------------------------------------------------------------------------- Algorithm 1
+def test_flat_cost_verifies_everything():
+    # T constant: admitting any draft with survival > 0 raises tau at equal cost.
+    cost = CostProfile([1, 4096], [0.02, 0.02])
+    gen = torch.Generator().manual_seed(0)
+    survival = torch.cumprod(torch.rand(16, 7, generator=gen) * 0.7 + 0.05, dim=1)
+    for mode in ("early_stop", "capacity"):
+        scheduler = LoadAwareScheduler(cost, 7, mode)
+        for _ in range(3):
+            assert scheduler.plan(survival).tolist() == [7] * 16
+
+
+def test_proportional_cost_verifies_nothing():
+    # T(m) = c m: Theta(0) = B / (c B) = 1/c; one draft with survival a < 1 gives
+    # (B + a) / (c (B + 1)) < 1/c, so nothing is admitted. c = 0.25 keeps the arithmetic
+    # exact, so survival a = 1 (equal Theta, not a strict increase) is admitted neither.
+    cost = CostProfile([1, 2], [0.25, 0.5])
+    survival = torch.tensor([[1.0, 0.99, 0.5], [0.999, 0.9, 0.1], [1.0, 1.0, 1.0]])
+    for mode in ("early_stop", "capacity"):
+        scheduler = LoadAwareScheduler(cost, 3, mode)
+        for _ in range(3):
+            assert scheduler.plan(survival).tolist() == [0, 0, 0]
+
+
+def test_affine_cost_hand_worked():
+    # B = 2, K = 3, cost(n) = 1 + 0.1 n. Survival: request 0 [0.9, 0.6, 0.3], request 1
+    # [0.8, 0.2, 0.1]. Sorted: 0.9 (0,0), 0.8 (1,0), 0.6 (0,1), 0.3 (0,2), 0.2 (1,1), 0.1 (1,2).
+    #   n = 0: tau = 2.0, cost(2) = 1.2, Theta = 1.6667
+    #   n = 1: tau = 2.9, cost(3) = 1.3, Theta = 2.2308  (up: admit (0,0))
+    #   n = 2: tau = 3.7, cost(4) = 1.4, Theta = 2.6429  (up: admit (1,0))
+    #   n = 3: tau = 4.3, cost(5) = 1.5, Theta = 2.8667  (up: admit (0,1))
+    #   n = 4: tau = 4.6, cost(6) = 1.6, Theta = 2.8750  (up: admit (0,2))
+    #   n = 5: tau = 4.8, cost(7) = 1.7, Theta = 2.8235  (down: stop)
+    # Admitted: (0,0), (0,1), (0,2), (1,0) -> L = [3, 1].
+    survival = [[0.9, 0.6, 0.3], [0.8, 0.2, 0.1]]
+    assert [round(AFFINE(n), 12) for n in (2, 7)] == [1.2, 1.7]
+    theta = throughputs(sorted_drafts(survival), 2, AFFINE)
+    assert theta[:6] == pytest.approx([2 / 1.2, 2.9 / 1.3, 3.7 / 1.4, 4.3 / 1.5, 4.6 / 1.6, 4.8 / 1.7])
+    assert plan_list(LoadAwareScheduler(AFFINE, 3, "early_stop"), survival) == [3, 1]
+    assert algorithm1(survival, AFFINE) == [3, 1]
+
+
+def test_early_stop_is_non_anticipating():
+    # cost: 1 s up to 4 tokens, 2 s from 5 tokens on (tokens [1, 4, 5, 16], seconds [1, 1, 2, 2]).
+    # B = 2, K = 4; sorted survival .95 (0,0) .92 (1,0) .90 (0,1) .88 (1,1) .85 (0,2) .82 (1,2) .80 (0,3) .78 (1,3)
+    #   Theta: n=0: 2/1 = 2; n=1: 2.95/1 = 2.95; n=2: 3.87/1 = 3.87; n=3: 4.77/2 = 2.385 (dip: stop)
+    #          n=4: 2.825; n=5: 3.25; n=6: 3.66; n=7: 4.06; n=8: 8.9/2 = 4.45 (global maximum)
+    # early_stop stops at the dip: L = [1, 1]; the global argmax (capacity) takes all 8.
+    cost = CostProfile([1, 4, 5, 16], [1.0, 1.0, 2.0, 2.0])
+    survival = [[0.95, 0.90, 0.85, 0.80], [0.92, 0.88, 0.82, 0.78]]
+    theta = throughputs(sorted_drafts(survival), 2, cost)
+    assert theta[3] < theta[2] < theta[8] and max(theta) == theta[8]
+    assert plan_list(LoadAwareScheduler(cost, 4, "early_stop"), survival) == [1, 1]
+    capacity = LoadAwareScheduler(cost, 4, "capacity")
+    assert [plan_list(capacity, survival) for _ in range(4)] == [[1, 1], [1, 1], [4, 4], [4, 4]]
+
+
+def test_ties_broken_by_request_then_position():
+    # Every survival 0.5; cost 1 s up to 5 tokens, 10 s at 6: with B = 2 exactly 3 drafts
+    # fit (Theta(3) = 3.5 / 1, Theta(4) = 4 / 10). Ties in (b, k) order: (0,0), (0,1), (0,2).
+    cost = CostProfile([2, 5, 6], [1.0, 1.0, 10.0])
+    assert plan_list(LoadAwareScheduler(cost, 3, "early_stop"), [[0.5] * 3, [0.5] * 3]) == [3, 0]
+    # request 1 first when it is strictly better at position 0 only; then ties again by (b, k)
+    assert plan_list(LoadAwareScheduler(cost, 3, "early_stop"), [[0.5] * 3, [0.6, 0.5, 0.5]]) == [2, 1]
+
+
+def test_non_monotone_survival_still_gives_prefixes():
+    # Same cost: 3 drafts admitted. Request 0 [0.2, 0.9, 0.9] is read as [0.2, 0.2, 0.2]
+    # (running minimum), so the three drafts of request 1 win: L = [0, 3]. Without the
+    # running minimum the top 3 would be (0,1), (0,2), (1,0): not a prefix of request 0.
+    cost = CostProfile([2, 5, 6], [1.0, 1.0, 10.0])
+    survival = [[0.2, 0.9, 0.9], [0.8, 0.7, 0.6]]
+    assert plan_list(LoadAwareScheduler(cost, 3, "early_stop"), survival) == [0, 3]
+    # Random unsorted rows with many ties. Survival in multiples of 1/8 and costs with
+    # dyadic values and slopes keep every Theta exact, so exact ties in Theta compare
+    # equal in the Python reference and in plan (no admission on a tie).
+    gen = random.Random(5)
+    costs = (CostProfile([0, 8], [1.0, 2.0]), CostProfile([1, 5, 7, 31], [1.0, 1.5, 2.5, 5.5]))
+    for _ in range(60):
+        batch, max_draft = gen.randint(1, 5), gen.randint(1, 5)
+        survival = [[gen.randint(0, 8) / 8 for _ in range(max_draft)] for _ in range(batch)]
+        for cost in costs:
+            assert plan_list(LoadAwareScheduler(cost, max_draft, "early_stop"), survival) == algorithm1(survival, cost)
+
+
+def random_cost(gen: random.Random) -> CostProfile:
+    points = sorted(gen.sample(range(1, 40), gen.randint(1, 5)))
+    seconds, value = [], gen.uniform(0.5, 2.0)
+    for _ in points:
+        seconds.append(value)
+        value += gen.choice([0.0, 0.0, gen.uniform(0.0, 0.3), gen.uniform(0.5, 2.0)])
+    return CostProfile(points, seconds)
+
+
+def random_survival(gen: random.Random, batch: int, max_draft: int) -> list[list[float]]:
+    rows = []
+    for _ in range(batch):
+        value, row = 1.0, []
+        for _ in range(max_draft):
+            value *= gen.uniform(0.2, 1.0)
+            row.append(value)
+        rows.append(row)
+    return rows
+
+
+def test_early_stop_matches_python_algorithm1():
+    gen = random.Random(0)
+    seen = set()
+    for _ in range(300):
+        batch, max_draft = gen.randint(1, 6), gen.randint(1, 5)
+        cost, survival = random_cost(gen), random_survival(gen, batch, max_draft)
+        expected = algorithm1(survival, cost)
+        assert plan_list(LoadAwareScheduler(cost, max_draft, "early_stop"), survival) == expected
+        seen.add("none" if sum(expected) == 0 else "all" if sum(expected) == batch * max_draft else "some")
+    assert seen == {"none", "all", "some"}  # the cases exercise every regime
+
+
+def test_capacity_matches_python_reference_across_batch_sizes():
+    gen = random.Random(1)
+    for _ in range(60):
+        max_draft = gen.randint(1, 5)
+        cost = random_cost(gen)
+        survivals = [random_survival(gen, gen.randint(1, 6), max_draft) for _ in range(5)]
+        scheduler = LoadAwareScheduler(cost, max_draft, "capacity")
+        assert [plan_list(scheduler, s) for s in survivals] == capacity_sequence(survivals, cost)
+
+
+def test_capacity_uses_survival_of_two_calls_earlier():
+    # cost(n) = 1 + 0.1 n, B = 2, K = 3.
+    # call 0, s_a = the hand-worked case: early stop [3, 1]; global argmax C_a = 4.
+    # call 1, s_b = [[.5, .1, .05], [.4, .1, .01]]: Theta 1.667, 1.923, 2.071, 2.0 -> early stop
+    #         at 2: [1, 1]; C_b = 2 (Theta(2) = 2.071 is the maximum).
+    # call 2, s_c = [[.99, .98, .97], [.5, .4, .3]] with C_a = 4: top 4 = request 0's three and
+    #         (1,0) -> [3, 1] (early stop on s_c would give [3, 2]: Theta rises to n = 5).
+    # call 3, s_c again with C_b = 2: [2, 0].
+    s_a = [[0.9, 0.6, 0.3], [0.8, 0.2, 0.1]]
+    s_b = [[0.5, 0.1, 0.05], [0.4, 0.1, 0.01]]
+    s_c = [[0.99, 0.98, 0.97], [0.5, 0.4, 0.3]]
+    assert global_capacity(s_a, AFFINE) == 4 and global_capacity(s_b, AFFINE) == 2
+    assert algorithm1(s_c, AFFINE) == [3, 2]
+    scheduler = LoadAwareScheduler(AFFINE, 3, "capacity")
+    assert [plan_list(scheduler, s) for s in (s_a, s_b, s_c, s_c)] == [[3, 1], [1, 1], [3, 1], [2, 0]]
+    scheduler.reset()  # history forgotten: early stop again
+    assert plan_list(scheduler, s_c) == [3, 2]
+
+
+def test_capacity_clamped_when_batch_shrinks():
+    # C_a = 4 from a B = 2 round; two calls later B = 1 (3 drafts): C = min(4, 3) = 3.
+    # Early stop on [[.9, .2, .1]] would stop at 2: Theta 0.909, 1.583, 1.615, 1.571.
+    scheduler = LoadAwareScheduler(AFFINE, 3, "capacity")
+    plan_list(scheduler, [[0.9, 0.6, 0.3], [0.8, 0.2, 0.1]])
+    plan_list(scheduler, [[0.5, 0.1, 0.05], [0.4, 0.1, 0.01]])
+    assert algorithm1([[0.9, 0.2, 0.1]], AFFINE) == [2]
+    assert plan_list(scheduler, [[0.9, 0.2, 0.1]]) == [3]
+
+
+def test_fixed_mode():
+    scheduler = LoadAwareScheduler(AFFINE, 4, "fixed", fixed_len=3)
+    out = scheduler.plan(torch.rand(5, 4))
+    assert out.dtype == torch.int32 and out.tolist() == [3] * 5
+    assert LoadAwareScheduler(AFFINE, 4, "fixed", fixed_len=9).plan(torch.rand(2, 4)).tolist() == [4, 4]
+    assert LoadAwareScheduler(AFFINE, 4, "fixed", fixed_len=0).plan(torch.rand(2, 4)).tolist() == [0, 0]
+
+
+def test_nan_and_out_of_range_survival():
+    # NaN -> 0 and values clamped to [0, 1]: [[nan, .9, .9], [1.5, .8, -1]] reads as
+    # [[0, 0, 0], [1, .8, 0]]; with a flat cost every draft with survival > 0 is taken.
+    cost = CostProfile([1, 100], [1.0, 1.0])
+    survival = torch.tensor([[float("nan"), 0.9, 0.9], [1.5, 0.8, -1.0]])
+    assert LoadAwareScheduler(cost, 3).plan(survival).tolist() == [0, 2]
+    assert LoadAwareScheduler(cost, 3).plan(survival.double()).tolist() == [0, 2]
+    # Survival 1.5 read as 1: with T(m) = m / 4, admitting a = 1 leaves Theta equal (no
+    # admission); unclamped, (1 + 1.5) / (2 / 4) > 1 / (1 / 4) would admit it.
+    proportional = CostProfile([1, 2], [0.25, 0.5])
+    assert LoadAwareScheduler(proportional, 2).plan(torch.tensor([[1.5, 1.2]])).tolist() == [0]
+
+
+def test_plan_validates_and_handles_empty():
+    scheduler = LoadAwareScheduler(AFFINE, 3)
+    with pytest.raises(ValueError, match="max_draft"):
+        scheduler.plan(torch.rand(2, 4))
+    with pytest.raises(ValueError, match=r"\[B, K\]"):
+        scheduler.plan(torch.rand(6))
+    with pytest.raises(ValueError, match="mode"):
+        LoadAwareScheduler(AFFINE, 3, "greedy")
+    with pytest.raises(ValueError, match="fixed_len"):
+        LoadAwareScheduler(AFFINE, 3, "fixed")
+    assert scheduler.plan(torch.rand(0, 3)).shape == (0,)
+
+
+@pytest.mark.parametrize("mode", ["early_stop", "capacity", "fixed"])
+def test_plan_traces_as_one_graph(mode):
+    # CPU proxy for "no host synchronisation" (see traced). The capacity history must also
+    # advance across calls of the compiled function.
+    cost = CostProfile([1, 20, 40], [1.0, 1.2, 3.0])
+    gen = random.Random(3)
+    survivals = [torch.tensor(random_survival(gen, 4, 5)) for _ in range(4)]
+    scheduler = LoadAwareScheduler(cost, 5, mode, fixed_len=2)
+    scheduler.plan(survivals[0])  # warm-up: cost table
+    scheduler.reset()
+    compiled = traced(scheduler.plan)
+    eager = LoadAwareScheduler(cost, 5, mode, fixed_len=2)
+    assert [compiled(s).tolist() for s in survivals] == [eager.plan(s).tolist() for s in survivals]
+
+
+# --------------------------------------------------------------------------- CUDA
+def _cuda_cases():
+    gen = random.Random(2)
+    cost = random_cost(gen)
+    while cost(64) == cost(1):  # want a load-dependent cost
+        cost = random_cost(gen)
+    survivals = [torch.tensor(random_survival(gen, 8, 4)) for _ in range(6)]
+    return cost, survivals
+
+
+@cuda_test
+@pytest.mark.parametrize("mode", ["early_stop", "capacity", "fixed"])
+def test_plan_cuda_matches_cpu_without_sync(mode):
+    cost, survivals = _cuda_cases()
+    cpu = LoadAwareScheduler(cost, 4, mode, fixed_len=2)
+    gpu = LoadAwareScheduler(cost, 4, mode, fixed_len=2)
+    gpu.plan(survivals[0].cuda())  # warm-up: builds the cached cost table on the device
+    gpu.reset()
+    cost(torch.arange(1, 3, device="cuda"))  # warm-up: the profile's tables on the device
+    inputs = [s.cuda() for s in survivals]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        outs = [gpu.plan(s) for s in inputs]
+        costs = cost(torch.arange(1, 50, device="cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(o.device.type == "cuda" and o.dtype == torch.int32 for o in outs)
+    assert [o.tolist() for o in outs] == [cpu.plan(s).tolist() for s in survivals]
+    torch.testing.assert_close(costs.cpu(), cost(torch.arange(1, 50)))
+
+
+@cuda_test
+@pytest.mark.parametrize("mode", ["early_stop", "capacity", "fixed"])
+def test_plan_in_cuda_graph(mode):
+    cost, survivals = _cuda_cases()
+    scheduler = LoadAwareScheduler(cost, 4, mode, fixed_len=3)
+    static = survivals[0].cuda()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            scheduler.plan(static)  # warm-up (cost table, capacity state)
+    torch.cuda.current_stream().wait_stream(side)
+    scheduler.reset()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = scheduler.plan(static)
+    replayed = []
+    for s in survivals:
+        static.copy_(s)
+        graph.replay()
+        replayed.append(out.clone())
+    torch.cuda.synchronize()
+    eager = LoadAwareScheduler(cost, 4, mode, fixed_len=3)
+    assert [r.tolist() for r in replayed] == [eager.plan(s).tolist() for s in survivals]
