@@ -38,9 +38,14 @@ $(STAMP): $(VENV)/.deps $(SOURCES)
 	$(PY) -c "import torch, dspark_ext; print('dspark_ext built; CUDA kernel registered:', torch._C._dispatch_has_kernel_for_dispatch_key('dspark::verify', 'CUDA'))"
 	touch $@
 
+# CMake builds the C++ test of include/dspark/math.h and the same library as setup.py
+# (CPU kernels; add -DDSPARK_WITH_CUDA=ON for the CUDA ones), with a load test.
 ctest: $(VENV)/.deps
-	cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release -DDSPARK_BUILD_EXTENSION=OFF \
-		-DPython3_EXECUTABLE=$(abspath $(PY)) > build/cmake.log 2>&1 || (cat build/cmake.log; exit 1)
+	mkdir -p build
+	CUDA_HOME=$(CUDA_HOME) cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release \
+		-DPython3_EXECUTABLE=$(abspath $(PY)) \
+		-DCMAKE_PREFIX_PATH=$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)') \
+		> build/cmake.log 2>&1 || (cat build/cmake.log; exit 1)
 	cmake --build build/cmake -j $(MAX_JOBS)
 	ctest --test-dir build/cmake --output-on-failure
 

@@ -48,7 +48,7 @@ def check_verify_values(target_logits: torch.Tensor, target_offset: torch.Tensor
     if bool(bad.any()):
         b = int(bad.nonzero()[0])
         raise ValueError(f"verify: num_draft[{b}] = {int(lengths[b])} is outside [0, K={max_draft}]")
-    bad = (target_offset < 0) | (target_offset + lengths + 1 > rows)
+    bad = (target_offset < 0) | (target_offset > rows - 1 - lengths)  # no int64 overflow
     if bool(bad.any()):
         b = int(bad.nonzero()[0])
         raise ValueError(f"verify: target_offset[{b}] = {int(target_offset[b])} with num_draft {int(lengths[b])} "

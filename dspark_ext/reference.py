@@ -8,8 +8,9 @@ so the reference stays usable at real vocabulary sizes.
 Conventions shared by all ops (DESIGN.md, "Common rules"):
 
 * logits are read as float32; NaN counts as -inf and +inf as the largest float;
+* at temperature T the distribution is softmax(x / T), computed as exp((x - max) / T);
 * temperature <= 0 (or NaN) means greedy: argmax, ties to the smallest index;
-* sampling is an exponential race: argmax_v (y_v - log E_v) for logits y, or
+* sampling is an exponential race: argmax_v ((x_v - max) / T - log E_v) for logits x, or
   argmax_v (r_v / E_v) for a weight vector r, with E_v from ``exponential``;
 * a distribution with no mass emits the token -1.
 """
@@ -28,6 +29,7 @@ __all__ = [
     "exponential",
     "sanitize",
     "filter_mask",
+    "relative_logits",
     "verify",
     "markov_draft",
     "confidence",
@@ -123,49 +125,67 @@ def sanitize(logits: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- filters
-def filter_mask(y: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
-    """Boolean mask of the tokens kept by top-k then top-p, row-wise. y: [N, V] float32.
+def filter_mask(x: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
+                temperature: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean mask of the tokens kept by top-k then top-p, row-wise.
+
+    x: [N, V] sanitized float32 logits; temperature: [N] (> 0) or None for 1; top_k [N]
+    int, top_p [N] float, or None. The token probabilities are softmax(x / T).
 
     top-k keeps v iff fewer than k tokens have a strictly larger logit (ties at the
     boundary are all kept); k <= 0 or k >= V means off. top-p then keeps v iff the
     probability mass, within the top-k set, of the tokens strictly more likely than v is
     below top_p times the mass of the set; the most likely tokens are always kept and
-    top_p >= 1 (or NaN) means off. Both are thresholds: the mask is y >= tau per row.
-    Tokens with y = -inf are never kept.
+    top_p >= 1 (or NaN) means off. Both are thresholds: the mask is x >= tau per row.
+    Tokens with x = -inf are never kept.
     """
-    n, vocab = y.shape
-    keep = y > -float("inf")
+    n, vocab = x.shape
+    keep = x > -float("inf")
     if top_k is None and top_p is None:
         return keep
-    sorted_y, _ = torch.sort(y, dim=-1, descending=True)
-    tau = torch.full((n,), -float("inf"), dtype=torch.float32, device=y.device)
+    sorted_x, _ = torch.sort(x, dim=-1, descending=True)
+    tau = torch.full((n,), -float("inf"), dtype=torch.float32, device=x.device)
     if top_k is not None:
         k = top_k.to(torch.int64)
         k_on = (k > 0) & (k < vocab)
-        kth = sorted_y.gather(1, (k.clamp(1, vocab) - 1).unsqueeze(1)).squeeze(1)
+        kth = sorted_x.gather(1, (k.clamp(1, vocab) - 1).unsqueeze(1)).squeeze(1)
         tau = torch.where(k_on, kth, tau)
     if top_p is not None:
         p = top_p.float()
         p_on = p < 1.0  # False for NaN as well
-        m = sorted_y[:, :1]
-        in_set = sorted_y >= tau.unsqueeze(1)
-        q = torch.where(in_set & (sorted_y > -float("inf")), torch.exp(sorted_y - m), torch.zeros_like(sorted_y))
+        temp = torch.ones(n, device=x.device) if temperature is None else temperature.float()
+        m = sorted_x[:, :1]
+        in_set = (sorted_x >= tau.unsqueeze(1)) & (sorted_x > -float("inf"))
+        q = torch.where(in_set, torch.exp((sorted_x - m) / temp.unsqueeze(1)), torch.zeros_like(sorted_x))
         total = q.sum(dim=1)
         mass_before = torch.cumsum(q, dim=1) - q  # mass of the entries sorted before
         below = (mass_before < (p * total).unsqueeze(1)) & in_set
         # Tokens tied with a kept token are kept too, so the cut is at the value of the
         # last sorted entry whose preceding mass is below the limit (entry 0 always is).
         last = (below.sum(dim=1) - 1).clamp(min=0)
-        tau_p = sorted_y.gather(1, last.unsqueeze(1)).squeeze(1)
+        tau_p = sorted_x.gather(1, last.unsqueeze(1)).squeeze(1)
         tau = torch.where(p_on, torch.maximum(tau, tau_p), tau)
-    return keep & (y >= tau.unsqueeze(1))
+    return keep & (x >= tau.unsqueeze(1))
 
 
-def _probabilities(y: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """p_v = keep_v * exp(y_v - m) / S with m the row max and S the kept mass; 0 if empty."""
-    m = torch.where(keep, y, torch.full_like(y, -float("inf"))).amax(dim=1, keepdim=True)
+def relative_logits(x: torch.Tensor, keep: torch.Tensor, temperature: torch.Tensor | float) -> torch.Tensor:
+    """(x_v - m) / T over the kept tokens (-inf elsewhere), m the row max over kept (0 if none).
+
+    Subtracting the max before dividing keeps every value <= 0: no overflow at tiny T, and
+    several +inf logits (sanitized to the largest float) tie at 0 instead of losing the
+    random part of the race key.
+    """
+    m = torch.where(keep, x, torch.full_like(x, -float("inf"))).amax(dim=-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    q = torch.where(keep, torch.exp(y - m), torch.zeros_like(y))
+    if not torch.is_tensor(temperature):
+        temperature = torch.tensor(temperature, dtype=torch.float32, device=x.device)
+    rel = (x - m) / temperature.float().reshape(temperature.shape + (1,) * (x.dim() - temperature.dim()))
+    return torch.where(keep, rel, torch.full_like(rel, -float("inf")))
+
+
+def _probabilities(x: torch.Tensor, keep: torch.Tensor, temperature) -> torch.Tensor:
+    """p_v = exp((x_v - m) / T) / S over the kept tokens, S their sum; all 0 if none kept."""
+    q = torch.where(keep, torch.exp(relative_logits(x, keep, temperature)), torch.zeros_like(x))
     total = q.sum(dim=1, keepdim=True)
     return torch.where(total > 0, q / total.clamp(min=torch.finfo(torch.float32).tiny), torch.zeros_like(q))
 
@@ -200,7 +220,8 @@ def _check_verify_args(target_logits, target_offset, draft_tokens, draft_logits,
         raise ValueError(f"draft_logits must be [{batch}, {max_draft}, {vocab}], got {tuple(draft_logits.shape)}")
     if bool(((num_draft < 0) | (num_draft > max_draft)).any()):
         raise ValueError(f"num_draft must lie in [0, K={max_draft}]")
-    if bool(((target_offset < 0) | (target_offset + num_draft.to(torch.int64) + 1 > rows)).any()):
+    # Compared without adding to target_offset, which could overflow int64.
+    if bool(((target_offset < 0) | (target_offset > rows - 1 - num_draft.to(torch.int64))).any()):
         raise ValueError(f"target_offset: rows target_offset[b] .. +num_draft[b] must lie in [0, {rows})")
     used = torch.arange(max_draft, device=draft_tokens.device).unsqueeze(0) < num_draft.unsqueeze(1)
     if bool((used & ((draft_tokens < 0) | (draft_tokens >= vocab))).any()):
@@ -226,13 +247,14 @@ def verify(target_logits: torch.Tensor, target_offset: torch.Tensor, draft_token
     Returns:
         out_tokens [B, K+1] int64 (-1 padded) and num_accepted [B] int32.
 
-    Per request with L = num_draft[b], row j of the target is y_t = sanitize(t_j / T).
-    Sampling (T > 0): p_t = filtered softmax(y_t), p_d = softmax(y_d) (unfiltered, same T,
-    one-hot if draft_logits is None). Draft j is accepted iff u_j * p_d(x_j) < p_t(x_j)
+    Per request with L = num_draft[b], row j of the target is x = sanitize(t_j).
+    Sampling (T > 0): p_t = filtered softmax(x / T), computed as exp((x - m) / T) / S with
+    m the row max; p_d likewise from the draft row (unfiltered, same T, one-hot if
+    draft_logits is None). Draft j is accepted iff u_j * p_d(x_j) < p_t(x_j)
     (float64, u_j from stream 1 at position j). At the first rejection j the token is the
     race argmax_v r_v / E_v over r = max(0, p_t - p_d) (stream 2, position j); if r has no
     mass it falls back to the target race. If all L are accepted, the bonus is the race
-    argmax_v (y_t,v - log E_v) over the kept tokens of row L (stream 2, position L).
+    argmax_v ((x_v - m) / T - log E_v) over the kept tokens of row L (stream 2, position L).
     Greedy (T <= 0): accept while x_j == argmax(t_j), then emit argmax. A row with no
     mass emits -1, which ends the request's tokens.
     """
@@ -246,11 +268,11 @@ def verify(target_logits: torch.Tensor, target_offset: torch.Tensor, draft_token
     for b in range(batch):
         length = int(num_draft[b])
         start = int(target_offset[b])
-        rows = target_logits[start:start + length + 1].float()  # [L+1, V]
+        rows = target_logits[start:start + length + 1]  # [L+1, V]
         drafts = draft_tokens[b, :length]
         temp = float(temperature[b])
+        rows = sanitize(rows)
         if not temp > 0.0:
-            rows = sanitize(rows)
             target_best = _argmax_or_none(rows, rows > -float("inf"))
             accepted = 0
             while accepted < length and int(drafts[accepted]) == int(target_best[accepted]):
@@ -258,19 +280,19 @@ def verify(target_logits: torch.Tensor, target_offset: torch.Tensor, draft_token
             emitted = int(target_best[accepted])
         else:
             temp_t = torch.tensor(temp, dtype=torch.float32, device=device)
-            y_t = sanitize(rows / temp_t)
             keep = filter_mask(
-                y_t,
+                rows,
                 None if top_k is None else top_k[b].expand(length + 1),
                 None if top_p is None else top_p[b].expand(length + 1),
+                temp_t.expand(length + 1),
             )
-            p_t = _probabilities(y_t, keep)
+            p_t = _probabilities(rows, keep, temp_t)
             if draft_logits is None:
                 p_d = torch.zeros(length, vocab, dtype=torch.float32, device=device)
                 p_d[torch.arange(length, device=device), drafts] = 1.0
             else:
-                y_d = sanitize(draft_logits[b, :length].float() / temp_t)
-                p_d = _probabilities(y_d, y_d > -float("inf"))
+                x_d = sanitize(draft_logits[b, :length])
+                p_d = _probabilities(x_d, x_d > -float("inf"), temp_t)
             positions = torch.arange(length, device=device)
             u_words = random_words(seed[b].expand(length), STREAM_ACCEPT, positions, offset[b].expand(length), 1)[:, 0]
             u = acceptance_uniform(u_words)
@@ -281,15 +303,17 @@ def verify(target_logits: torch.Tensor, target_offset: torch.Tensor, draft_token
             accepted = int(rejected[0]) if rejected.numel() else length
             words = random_words(seed[b:b + 1], STREAM_RESAMPLE, accepted, offset[b:b + 1], vocab)[0]
             energy = exponential(words)
+            log_energy = torch.log(energy)
+            target_keys = relative_logits(rows[accepted], keep[accepted], temp_t) - log_energy
+            target_choice = int(_argmax_or_none(target_keys.unsqueeze(0), keep[accepted].unsqueeze(0))[0])
             if accepted < length:
                 residual = torch.clamp(p_t[accepted] - p_d[accepted], min=0.0)
-                emitted = int(_argmax_or_none((residual / energy).unsqueeze(0), (residual > 0).unsqueeze(0))[0])
+                emitted = int(_argmax_or_none((residual / energy).unsqueeze(0),
+                                              (residual > 0).unsqueeze(0))[0])
                 if emitted < 0:
-                    emitted = int(_argmax_or_none((y_t[accepted] - torch.log(energy)).unsqueeze(0),
-                                                  keep[accepted].unsqueeze(0))[0])
+                    emitted = target_choice
             else:
-                emitted = int(_argmax_or_none((y_t[length] - torch.log(energy)).unsqueeze(0),
-                                              keep[length].unsqueeze(0))[0])
+                emitted = target_choice
         out_tokens[b, :accepted] = drafts[:accepted]
         out_tokens[b, accepted] = emitted
         num_accepted[b] = accepted
@@ -315,7 +339,7 @@ def markov_draft(backbone_logits: torch.Tensor, anchor: torch.Tensor, w1: torch.
 
     Step k: z_k = round(U_k + W2 @ W1[x_{k-1}]) in U's dtype (float32 arithmetic),
     x_{-1} = anchor. The token is drawn from the stored z_k: greedy argmax if T <= 0, else
-    the race argmax_v (z_v / T - log E_v) with stream 0 at position k over the draft
+    the race argmax_v ((z_v - max z) / T - log E_v) with stream 0 at position k over the draft
     vocabulary, then mapped through d2t. A step with no mass emits -1; every later step of
     that request emits -1 too and stores U uncorrected.
     """
@@ -338,7 +362,8 @@ def markov_draft(backbone_logits: torch.Tensor, anchor: torch.Tensor, w1: torch.
         z_all[:, k] = z
         y = sanitize(z)
         greedy = ~(temperature > 0)
-        scaled = sanitize(z.float() / torch.where(greedy, torch.ones_like(temperature), temperature).float().unsqueeze(1))
+        finite = y > -float("inf")
+        scaled = relative_logits(y, finite, torch.where(greedy, torch.ones_like(temperature), temperature))
         words = random_words(seed, STREAM_DRAFT, k, offset, draft_vocab)
         keys = torch.where(greedy.unsqueeze(1), y, scaled - torch.log(exponential(words)))
         choice = _argmax_or_none(keys, y > -float("inf"))

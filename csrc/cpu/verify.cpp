@@ -19,54 +19,57 @@ namespace {
 
 constexpr float kNegInf = -INFINITY;
 
-// A target (or draft) row after scaling, filtering and normalisation.
+// A target (or draft) row after sanitising, filtering and normalisation at temperature T:
+// p_v = exp((x_v - m) / T) / S over the kept tokens.
 struct RowDistribution {
-  std::vector<float> scaled;  // [V] y_v = sanitize(logit_v / T)
-  float threshold = kNegInf;  // kept iff y_v >= threshold and y_v > -inf
+  std::vector<float> logits;  // [V] x_v = sanitize(logit_v)
+  float temperature = 1.f;
+  float threshold = kNegInf;  // kept iff x_v >= threshold and x_v > -inf
   float row_max = 0.f;        // m over kept tokens (0 if none)
-  float mass = 0.f;           // S = sum over kept of exp(y_v - m)
+  float mass = 0.f;           // S = sum over kept of exp((x_v - m) / T)
 
-  bool kept(int64_t v) const { return scaled[v] > kNegInf && scaled[v] >= threshold; }
-  float prob(int64_t v) const { return (mass > 0.f && kept(v)) ? std::exp(scaled[v] - row_max) / mass : 0.f; }
+  bool kept(int64_t v) const { return logits[v] > kNegInf && logits[v] >= threshold; }
+  float relative(int64_t v) const { return (logits[v] - row_max) / temperature; }
+  float prob(int64_t v) const { return (mass > 0.f && kept(v)) ? std::exp(relative(v)) / mass : 0.f; }
 };
 
 template <typename scalar_t>
-void load_scaled(const scalar_t* logits, int64_t vocab, float temperature, std::vector<float>& out) {
+void load_sanitized(const scalar_t* logits, int64_t vocab, std::vector<float>& out) {
   out.resize(vocab);
-  for (int64_t v = 0; v < vocab; ++v) out[v] = sanitize_logit(static_cast<float>(logits[v]) / temperature);
+  for (int64_t v = 0; v < vocab; ++v) out[v] = sanitize_logit(static_cast<float>(logits[v]));
 }
 
-// Threshold of top-k then top-p on y (see reference.filter_mask): the smallest kept value.
-float filter_threshold(const std::vector<float>& y, int32_t top_k, float top_p) {
-  const int64_t vocab = static_cast<int64_t>(y.size());
+// Threshold of top-k then top-p on x (see reference.filter_mask): the smallest kept value.
+float filter_threshold(const std::vector<float>& x, float temperature, int32_t top_k, float top_p) {
+  const int64_t vocab = static_cast<int64_t>(x.size());
   const bool k_on = top_k > 0 && top_k < vocab;
   const bool p_on = top_p < 1.0f;  // false for NaN
   if (!k_on && !p_on) return kNegInf;
-  std::vector<float> sorted_y(y);
+  std::vector<float> sorted_x(x);
   float threshold = kNegInf;
   int64_t candidates = vocab;
   if (k_on) {
-    std::nth_element(sorted_y.begin(), sorted_y.begin() + (top_k - 1), sorted_y.end(), std::greater<float>());
-    threshold = sorted_y[top_k - 1];
-    candidates = std::partition(sorted_y.begin(), sorted_y.end(), [&](float value) { return value >= threshold; }) -
-                 sorted_y.begin();
+    std::nth_element(sorted_x.begin(), sorted_x.begin() + (top_k - 1), sorted_x.end(), std::greater<float>());
+    threshold = sorted_x[top_k - 1];
+    candidates = std::partition(sorted_x.begin(), sorted_x.end(), [&](float value) { return value >= threshold; }) -
+                 sorted_x.begin();
   }
   if (!p_on) return threshold;
-  sorted_y.resize(candidates);
-  std::sort(sorted_y.begin(), sorted_y.end(), std::greater<float>());
-  if (sorted_y.empty() || sorted_y[0] == kNegInf) return threshold;
-  const float row_max = sorted_y[0];
+  sorted_x.resize(candidates);
+  std::sort(sorted_x.begin(), sorted_x.end(), std::greater<float>());
+  if (sorted_x.empty() || sorted_x[0] == kNegInf) return threshold;
+  const float row_max = sorted_x[0];
   float total = 0.f;
-  for (float value : sorted_y) total += value > kNegInf ? std::exp(value - row_max) : 0.f;
+  for (float value : sorted_x) total += value > kNegInf ? std::exp((value - row_max) / temperature) : 0.f;
   const float limit = top_p * total;
   // The cut is at the last sorted entry whose preceding mass is below the limit; the
   // first entry always qualifies, so the most likely tokens are always kept.
   float before = 0.f;
-  float cut = sorted_y[0];
-  for (float value : sorted_y) {
+  float cut = sorted_x[0];
+  for (float value : sorted_x) {
     if (!(before < limit) || value == kNegInf) break;
     cut = value;
-    before += std::exp(value - row_max);
+    before += std::exp((value - row_max) / temperature);
   }
   return std::max(threshold, cut);
 }
@@ -74,26 +77,27 @@ float filter_threshold(const std::vector<float>& y, int32_t top_k, float top_p) 
 template <typename scalar_t>
 void build_distribution(const scalar_t* logits, int64_t vocab, float temperature, int32_t top_k, float top_p,
                         RowDistribution& dist) {
-  load_scaled(logits, vocab, temperature, dist.scaled);
-  dist.threshold = filter_threshold(dist.scaled, top_k, top_p);
+  load_sanitized(logits, vocab, dist.logits);
+  dist.temperature = temperature;
+  dist.threshold = filter_threshold(dist.logits, temperature, top_k, top_p);
   float row_max = kNegInf;
   for (int64_t v = 0; v < vocab; ++v)
-    if (dist.kept(v)) row_max = std::max(row_max, dist.scaled[v]);
+    if (dist.kept(v)) row_max = std::max(row_max, dist.logits[v]);
   dist.row_max = row_max > kNegInf ? row_max : 0.f;
   float mass = 0.f;
   for (int64_t v = 0; v < vocab; ++v)
-    if (dist.kept(v)) mass += std::exp(dist.scaled[v] - dist.row_max);
+    if (dist.kept(v)) mass += std::exp(dist.relative(v));
   dist.mass = mass;
 }
 
-// Race argmax_v (y_v - log E_v) over the kept tokens; -1 if none.
+// Race argmax_v ((x_v - m) / T - log E_v) over the kept tokens; -1 if none.
 int64_t target_race(const RowDistribution& target, uint64_t seed, uint32_t position, uint64_t offset) {
   ArgMax best{kNegInf, -1};
-  const int64_t vocab = static_cast<int64_t>(target.scaled.size());
+  RandomRow random(seed, kStreamResample, position, offset);
+  const int64_t vocab = static_cast<int64_t>(target.logits.size());
   for (int64_t v = 0; v < vocab; ++v) {
     if (!target.kept(v)) continue;
-    const uint32_t word = random_word(seed, kStreamResample, position, offset, static_cast<uint32_t>(v));
-    const float key = race_key_log(target.scaled[v], word);
+    const float key = race_key_log(target.relative(v), random.word(v));
     if (beats(key, v, best)) best = {key, v};
   }
   return best.index;
@@ -150,13 +154,12 @@ int32_t verify_request(const scalar_t* target_rows,  // [L+1, V] (row stride = v
       if (accept_draft(word, target.prob(token), p_draft)) continue;
       // First rejection: race over the residual max(0, p_t - p_d).
       ArgMax best{kNegInf, -1};
+      RandomRow random(request.seed, kStreamResample, static_cast<uint32_t>(accepted), request.offset);
       for (int64_t v = 0; v < vocab; ++v) {
         const float p_d = draft_rows != nullptr ? draft.prob(v) : (v == token ? 1.f : 0.f);
         const float residual = std::max(target.prob(v) - p_d, 0.f);
         if (!(residual > 0.f)) continue;
-        const uint32_t rnd = random_word(request.seed, kStreamResample, static_cast<uint32_t>(accepted),
-                                         request.offset, static_cast<uint32_t>(v));
-        const float key = race_key_prob(residual, rnd);
+        const float key = race_key_prob(residual, random.word(v));
         if (beats(key, v, best)) best = {key, v};
       }
       emitted = best.index >= 0 ? best.index
@@ -181,7 +184,8 @@ void check_verify_values(const VerifyShape& shape, const int64_t* target_offset,
     const int64_t length = num_draft[b];
     TORCH_CHECK(length >= 0 && length <= shape.max_draft, "verify: num_draft[", b, "] = ", length,
                 " is outside [0, K=", shape.max_draft, "]");
-    TORCH_CHECK(target_offset[b] >= 0 && target_offset[b] + length + 1 <= shape.rows, "verify: target_offset[", b,
+    // Compared without adding to target_offset, which could overflow.
+    TORCH_CHECK(target_offset[b] >= 0 && target_offset[b] <= shape.rows - length - 1, "verify: target_offset[", b,
                 "] = ", target_offset[b], " with num_draft ", length, " needs rows beyond target_logits (",
                 shape.rows, " rows)");
     for (int64_t j = 0; j < length; ++j) {

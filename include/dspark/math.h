@@ -80,6 +80,33 @@ DSPARK_HOST_DEVICE uint32_t random_word(uint64_t seed, uint32_t stream, uint32_t
   return random_group(seed, stream, position, offset, v >> 2).x[v & 3];
 }
 
+// Random words of one (seed, stream, position, offset) along the vocabulary. A caller
+// that walks its indices in increasing order gets four of them from one Philox call.
+struct RandomRow {
+  uint64_t seed;
+  uint64_t offset;
+  uint32_t stream;
+  uint32_t position;
+  uint32_t cached_group = 0xFFFFFFFFu;
+  Philox4 words;
+
+  DSPARK_HOST_DEVICE RandomRow(uint64_t seed_, uint32_t stream_, uint32_t position_, uint64_t offset_)
+      : seed(seed_), offset(offset_), stream(stream_), position(position_) {}
+
+  DSPARK_HOST_DEVICE uint32_t word(int64_t v) {
+    const uint32_t group = static_cast<uint32_t>(v >> 2);
+    if (group != cached_group) {
+      words = random_group(seed, stream, position, offset, group);
+      cached_group = group;
+    }
+    // Selects instead of words.x[v & 3]: a run-time index would put the array in local memory.
+    const uint32_t lane = static_cast<uint32_t>(v) & 3u;
+    const uint32_t low = lane & 1u ? words.x[1] : words.x[0];
+    const uint32_t high = lane & 1u ? words.x[3] : words.x[2];
+    return lane & 2u ? high : low;
+  }
+};
+
 // Acceptance uniform u = ((x >> 8) + 0.5) * 2^-24, in (0, 1). It needs 25 significant
 // bits, so it is a double: float32 would round the largest value up to 1.
 DSPARK_HOST_DEVICE double acceptance_uniform(uint32_t x) {

@@ -59,53 +59,28 @@ __device__ __forceinline__ void for_each_pair(const T* row_a, const T* row_b, in
     fn(v, to_float(row_a[v]), to_float(row_b[v]));
 }
 
-// Random words of one (seed, stream, position, offset) along the vocabulary. A thread
-// walks its indices in increasing order, so one Philox call serves four of them.
-struct RandomRow {
-  uint64_t seed;
-  uint64_t offset;
-  uint32_t stream;
-  uint32_t position;
-  uint32_t cached_group = 0xFFFFFFFFu;
-  Philox4 words;
-
-  __device__ __forceinline__ RandomRow(uint64_t seed_, uint32_t stream_, uint32_t position_, uint64_t offset_)
-      : seed(seed_), offset(offset_), stream(stream_), position(position_) {}
-
-  __device__ __forceinline__ uint32_t word(int64_t v) {
-    const uint32_t group = static_cast<uint32_t>(v >> 2);
-    if (group != cached_group) {
-      words = random_group(seed, stream, position, offset, group);
-      cached_group = group;
-    }
-    // Selects instead of words.x[v & 3]: a run-time index would put the array in local memory.
-    const uint32_t lane = static_cast<uint32_t>(v) & 3u;
-    const uint32_t low = lane & 1u ? words.x[1] : words.x[0];
-    const uint32_t high = lane & 1u ? words.x[3] : words.x[2];
-    return lane & 2u ? high : low;
-  }
-};
-
-// Online softmax statistics: max m and sum of exp(y - m) over the finite y seen.
+// Online softmax statistics at temperature T: the max m of the finite x seen and the sum
+// of exp((x - m) / T). Subtracting before dividing keeps every exponent <= 0.
 struct SoftmaxStats {
   float max;
   float sum;
+  float temperature;
 
-  __device__ __forceinline__ void add(float y) {
-    if (y == -INFINITY) return;
-    if (y > max) {
-      sum = sum * expf(max - y) + 1.f;
-      max = y;
+  __device__ __forceinline__ void add(float x) {
+    if (x == -INFINITY) return;
+    if (x > max) {
+      sum = sum * expf((max - x) / temperature) + 1.f;
+      max = x;
     } else {
-      sum += expf(y - max);
+      sum += expf((x - max) / temperature);
     }
   }
 };
 
 __device__ __forceinline__ SoftmaxStats combine(SoftmaxStats a, SoftmaxStats b) {
   const float m = fmaxf(a.max, b.max);
-  if (m == -INFINITY) return {m, 0.f};
-  return {m, a.sum * expf(a.max - m) + b.sum * expf(b.max - m)};
+  if (m == -INFINITY) return {m, 0.f, a.temperature};
+  return {m, a.sum * expf((a.max - m) / a.temperature) + b.sum * expf((b.max - m) / a.temperature), a.temperature};
 }
 
 __device__ __forceinline__ ArgMax combine(ArgMax a, ArgMax b) { return merge(a, b); }
@@ -113,7 +88,7 @@ __device__ __forceinline__ float combine(float a, float b) { return a + b; }
 
 __device__ __forceinline__ float shfl_xor(float v, int mask) { return __shfl_xor_sync(0xFFFFFFFFu, v, mask); }
 __device__ __forceinline__ SoftmaxStats shfl_xor(SoftmaxStats v, int mask) {
-  return {shfl_xor(v.max, mask), shfl_xor(v.sum, mask)};
+  return {shfl_xor(v.max, mask), shfl_xor(v.sum, mask), v.temperature};
 }
 __device__ __forceinline__ ArgMax shfl_xor(ArgMax v, int mask) {
   return {shfl_xor(v.key, mask), static_cast<int64_t>(__shfl_xor_sync(0xFFFFFFFFu, static_cast<long long>(v.index), mask))};

@@ -22,8 +22,8 @@ constexpr int kVerifyThreads = 512;
 // Per (request, position) results of the first kernel.
 struct VerifyRowStats {
   float target_max;   // m over the kept tokens of the target row
-  float target_mass;  // S = sum over kept of exp(y - m); 0 for an empty distribution
-  float threshold;    // kept iff y >= threshold (top-k/top-p), -inf when unfiltered
+  float target_mass;  // S = sum over kept of exp((x - m) / T); 0 for an empty distribution
+  float threshold;    // kept iff x >= threshold (top-k/top-p), -inf when unfiltered
   float draft_max;
   float draft_mass;
   int32_t accepted;   // sampling: draft j passed u * p_d < p_t
@@ -56,7 +56,7 @@ __device__ __forceinline__ bool request_is_valid(const VerifyParams& p, int64_t 
   const int64_t length = p.num_draft[b];
   if (length < 0 || length > p.max_draft) return false;
   const int64_t first_row = p.target_offset[b];
-  if (first_row < 0 || first_row + length + 1 > p.rows) return false;
+  if (first_row < 0 || first_row > p.rows - length - 1) return false;  // no int64 overflow
   for (int64_t j = 0; j < length; ++j) {
     const int64_t token = p.draft_tokens[b * p.max_draft + j];
     if (token < 0 || token >= p.vocab) return false;
@@ -64,16 +64,12 @@ __device__ __forceinline__ bool request_is_valid(const VerifyParams& p, int64_t 
   return true;
 }
 
-__device__ __forceinline__ float scaled_logit(float logit, float temperature) {
-  return sanitize_logit(logit / temperature);
-}
-
 // ---------------------------------------------------------------- radix threshold select
-// Finds the smallest finite value t of y = sanitize(row / T), among those >= floor, such
+// Finds the smallest finite value t of x = sanitize(row), among those >= floor, such
 // that the elements strictly above t satisfy a limit: fewer than `count_limit` of them
 // (top-k), or (mass mode) their mass below `mass_fraction` of the mass of all candidates
-// (top-p; the row maximum always qualifies). Three passes of 8/8/8/8-bit digits over the
-// order-preserving key of y, counts and masses in shared-memory histograms. Masses are
+// (top-p; the row maximum always qualifies), the mass of x being exp((x - max) / T).
+// Four passes of 8-bit digits over the order-preserving key of x, counts and masses in shared-memory histograms. Masses are
 // fixed point (2^-32) so that atomic accumulation is exact and the result deterministic.
 struct RadixState {
   uint32_t count[256];
@@ -85,8 +81,8 @@ struct RadixState {
   int chosen;
 };
 
-__device__ __forceinline__ unsigned long long fixed_mass(float y, float row_max) {
-  return __float2ull_rn(expf(y - row_max) * 0x1p32f);
+__device__ __forceinline__ unsigned long long fixed_mass(float x, float row_max, float temperature) {
+  return __float2ull_rn(expf((x - row_max) / temperature) * 0x1p32f);
 }
 
 template <typename T>
@@ -105,13 +101,13 @@ __device__ float radix_threshold(const T* row, int64_t vocab, float temperature,
     __syncthreads();
     const uint64_t prefix_high = static_cast<uint64_t>(st.prefix) >> (shift + 8);
     for_each_element(row, vocab, [&](int64_t, float x) {
-      const float y = scaled_logit(x, temperature);
+      const float y = sanitize_logit(x);
       if (y == -INFINITY || y < floor) return;
       const uint32_t key = ordered_key(y);
       if ((static_cast<uint64_t>(key) >> (shift + 8)) != prefix_high) return;
       const int digit = (key >> shift) & 0xFF;
       atomicAdd(&st.count[digit], 1u);
-      if (mass_mode) atomicAdd(&st.mass[digit], fixed_mass(y, row_max));
+      if (mass_mode) atomicAdd(&st.mass[digit], fixed_mass(y, row_max, temperature));
     });
     __syncthreads();
     if (threadIdx.x < 32) {
@@ -215,20 +211,26 @@ __global__ void __launch_bounds__(kVerifyThreads) verify_rows_kernel(const T* __
   const uint64_t seed = static_cast<uint64_t>(p.seed[b]);
   const uint64_t round_offset = static_cast<uint64_t>(p.offset[b]);
 
-  // Pass over the target row: softmax statistics and, unfiltered, the bonus race.
-  SoftmaxStats target{-INFINITY, 0.f};
+  // Pass over the target row: softmax statistics and, unfiltered, the bonus race. The
+  // race key (x - m) / T - log E needs the row max m, not known until the pass ends, so
+  // each thread keys against its running max and shifts its best key when that grows.
+  SoftmaxStats target{-INFINITY, 0.f, temperature};
   ArgMax race{-INFINITY, -1};
   RandomRow random(seed, kStreamResample, static_cast<uint32_t>(length), round_offset);
   const bool race_now = bonus && !filtered;
-  for_each_element(target_row, p.vocab, [&](int64_t v, float x) {
-    const float y = scaled_logit(x, temperature);
-    target.add(y);
-    if (race_now && y > -INFINITY) {
-      const float key = race_key_log(y, random.word(v));
+  for_each_element(target_row, p.vocab, [&](int64_t v, float raw) {
+    const float x = sanitize_logit(raw);
+    if (race_now && x > -INFINITY) {
+      const float running_max = fmaxf(target.max, x);
+      if (running_max > target.max && race.index >= 0) race.key += (target.max - running_max) / temperature;
+      const float key = race_key_log((x - running_max) / temperature, random.word(v));
       if (beats(key, v, race)) race = {key, v};
     }
+    target.add(x);
   });
+  const float thread_max = target.max;
   target = block_allreduce<kVerifyThreads>(target);
+  if (race_now && race.index >= 0) race.key += (thread_max - target.max) / temperature;
   float threshold = -INFINITY;
   float mass = target.sum;
   if (filtered && target.max > -INFINITY) {
@@ -237,12 +239,13 @@ __global__ void __launch_bounds__(kVerifyThreads) verify_rows_kernel(const T* __
     if (p_on) threshold = radix_threshold(target_row, p.vocab, temperature, target.max, threshold, true, 0, top_p, radix);
     // Mass of the kept tokens and, for the bonus position, the race among them.
     float kept_mass = 0.f;
-    for_each_element(target_row, p.vocab, [&](int64_t v, float x) {
-      const float y = scaled_logit(x, temperature);
-      if (y == -INFINITY || y < threshold) return;
-      kept_mass += expf(y - target.max);
+    for_each_element(target_row, p.vocab, [&](int64_t v, float raw) {
+      const float x = sanitize_logit(raw);
+      if (x == -INFINITY || x < threshold) return;
+      const float relative = (x - target.max) / temperature;
+      kept_mass += expf(relative);
       if (bonus) {
-        const float key = race_key_log(y, random.word(v));
+        const float key = race_key_log(relative, random.word(v));
         if (beats(key, v, race)) race = {key, v};
       }
     });
@@ -258,18 +261,18 @@ __global__ void __launch_bounds__(kVerifyThreads) verify_rows_kernel(const T* __
     result.token = static_cast<int32_t>(race.index);
   } else {
     const int64_t token = p.draft_tokens[b * p.max_draft + j];
-    const float y_token = scaled_logit(to_float(target_row[token]), temperature);
-    const float p_target = (mass > 0.f && y_token > -INFINITY && y_token >= threshold)
-                               ? expf(y_token - row_max) / mass : 0.f;
+    const float x_token = sanitize_logit(to_float(target_row[token]));
+    const float p_target = (mass > 0.f && x_token > -INFINITY && x_token >= threshold)
+                               ? expf((x_token - row_max) / temperature) / mass : 0.f;
     float p_draft = 1.f;
     if constexpr (kHasDraft) {
       const T* draft_row = draft_logits + (b * p.max_draft + j) * p.vocab;
-      SoftmaxStats draft{-INFINITY, 0.f};
-      for_each_element(draft_row, p.vocab, [&](int64_t, float x) { draft.add(scaled_logit(x, temperature)); });
+      SoftmaxStats draft{-INFINITY, 0.f, temperature};
+      for_each_element(draft_row, p.vocab, [&](int64_t, float raw) { draft.add(sanitize_logit(raw)); });
       draft = block_allreduce<kVerifyThreads>(draft);
       const float draft_max = draft.max > -INFINITY ? draft.max : 0.f;
-      const float y_draft = scaled_logit(to_float(draft_row[token]), temperature);
-      p_draft = (draft.sum > 0.f && y_draft > -INFINITY) ? expf(y_draft - draft_max) / draft.sum : 0.f;
+      const float x_draft = sanitize_logit(to_float(draft_row[token]));
+      p_draft = (draft.sum > 0.f && x_draft > -INFINITY) ? expf((x_draft - draft_max) / temperature) / draft.sum : 0.f;
       result.draft_max = draft_max;
       result.draft_mass = draft.sum;
     }
@@ -315,15 +318,16 @@ __global__ void __launch_bounds__(kVerifyThreads) verify_finish_kernel(const T* 
                      static_cast<uint64_t>(p.offset[b]));
     ArgMax residual_race{-INFINITY, -1};
     ArgMax target_race{-INFINITY, -1};  // used only if the residual has no mass
-    for_each_pair(target_row, draft_row, p.vocab, [&](int64_t v, float x_target, float x_draft) {
-      const float y = scaled_logit(x_target, temperature);
-      const bool kept = y > -INFINITY && y >= row.threshold;
-      const float p_target = (kept && row.target_mass > 0.f) ? expf(y - row.target_max) / row.target_mass : 0.f;
+    for_each_pair(target_row, draft_row, p.vocab, [&](int64_t v, float raw_target, float raw_draft) {
+      const float x = sanitize_logit(raw_target);
+      const bool kept = x > -INFINITY && x >= row.threshold;
+      const float relative = (x - row.target_max) / temperature;
+      const float p_target = (kept && row.target_mass > 0.f) ? expf(relative) / row.target_mass : 0.f;
       float p_draft;
       if constexpr (kHasDraft) {
-        const float y_draft = scaled_logit(x_draft, temperature);
-        p_draft = (row.draft_mass > 0.f && y_draft > -INFINITY) ? expf(y_draft - row.draft_max) / row.draft_mass
-                                                                 : 0.f;
+        const float x_draft = sanitize_logit(raw_draft);
+        p_draft = (row.draft_mass > 0.f && x_draft > -INFINITY)
+                      ? expf((x_draft - row.draft_max) / temperature) / row.draft_mass : 0.f;
       } else {
         p_draft = v == token ? 1.f : 0.f;
       }
@@ -335,7 +339,7 @@ __global__ void __launch_bounds__(kVerifyThreads) verify_finish_kernel(const T* 
         if (beats(key, v, residual_race)) residual_race = {key, v};
       }
       if (kept) {
-        const float key = race_key_log(y, word);
+        const float key = race_key_log(relative, word);
         if (beats(key, v, target_race)) target_race = {key, v};
       }
     });
