@@ -15,48 +15,77 @@ __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 
-// Calls fn(v, value) for every element v of a row, each thread taking 16-byte vectors
-// (a multiple of 4 elements, so one Philox group never straddles two threads) when the
-// row is aligned, scalars otherwise. The row is streamed: read once, not kept in cache.
+// Rows are split into chunks of 16 bytes (kVec elements, a multiple of 4 so one Philox
+// group never straddles two threads); chunk i belongs to thread i % blockDim.x, and each
+// thread visits its chunks in increasing order. The mapping depends only on element
+// indices, not on the row's alignment, so float sums come out the same for a request
+// wherever its row lies (batch invariance). Aligned full chunks use one 16-byte load.
+template <typename T>
+struct RowChunks {
+  static constexpr int kVec = 16 / sizeof(T);
+};
+
+template <typename T>
+__device__ __forceinline__ void load_chunk(const T* row, int64_t chunk, int64_t vocab, bool vector_load,
+                                           float (&out)[RowChunks<T>::kVec]) {
+  constexpr int kVec = RowChunks<T>::kVec;
+  if (vector_load) {
+    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(row) + chunk);
+    const T* values = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) out[e] = to_float(values[e]);
+  } else {
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      const int64_t v = chunk * kVec + e;
+      out[e] = v < vocab ? to_float(row[v]) : 0.f;
+    }
+  }
+}
+
+__device__ __forceinline__ bool is_aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
+
+// Calls fn(v, value) for every element v of a row. Two chunks per iteration, both loads
+// issued before either is used, to keep more bytes in flight.
 template <typename T, typename Fn>
 __device__ __forceinline__ void for_each_element(const T* row, int64_t vocab, Fn&& fn) {
-  constexpr int kVec = 16 / sizeof(T);
-  int64_t scalar_begin = 0;
-  if ((reinterpret_cast<uintptr_t>(row) & 15) == 0) {
-    const int64_t num_vec = vocab / kVec;
-    const uint4* vec_row = reinterpret_cast<const uint4*>(row);
-    for (int64_t i = threadIdx.x; i < num_vec; i += blockDim.x) {
-      const uint4 raw = __ldcs(vec_row + i);
-      const T* values = reinterpret_cast<const T*>(&raw);
+  constexpr int kVec = RowChunks<T>::kVec;
+  const int64_t num_chunks = (vocab + kVec - 1) / kVec;
+  const int64_t full_chunks = vocab / kVec;
+  const bool aligned = is_aligned16(row);
+  const int64_t stride = blockDim.x;
+  for (int64_t first = threadIdx.x; first < num_chunks; first += 2 * stride) {
+    const int64_t second = first + stride;
+    const bool has_second = second < num_chunks;
+    float a[kVec], b[kVec];
+    load_chunk(row, first, vocab, aligned && first < full_chunks, a);
+    if (has_second) load_chunk(row, second, vocab, aligned && second < full_chunks, b);
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) fn(i * kVec + e, to_float(values[e]));
+    for (int e = 0; e < kVec; ++e)
+      if (first * kVec + e < vocab) fn(first * kVec + e, a[e]);
+    if (has_second) {
+#pragma unroll
+      for (int e = 0; e < kVec; ++e)
+        if (second * kVec + e < vocab) fn(second * kVec + e, b[e]);
     }
-    scalar_begin = num_vec * kVec;
   }
-  for (int64_t v = scalar_begin + threadIdx.x; v < vocab; v += blockDim.x) fn(v, to_float(row[v]));
 }
 
 // Same for two rows of equal length read side by side (target and draft of one position).
 template <typename T, typename Fn>
 __device__ __forceinline__ void for_each_pair(const T* row_a, const T* row_b, int64_t vocab, Fn&& fn) {
-  constexpr int kVec = 16 / sizeof(T);
-  int64_t scalar_begin = 0;
-  if (((reinterpret_cast<uintptr_t>(row_a) | reinterpret_cast<uintptr_t>(row_b)) & 15) == 0) {
-    const int64_t num_vec = vocab / kVec;
-    const uint4* vec_a = reinterpret_cast<const uint4*>(row_a);
-    const uint4* vec_b = reinterpret_cast<const uint4*>(row_b);
-    for (int64_t i = threadIdx.x; i < num_vec; i += blockDim.x) {
-      const uint4 raw_a = __ldcs(vec_a + i);
-      const uint4 raw_b = __ldcs(vec_b + i);
-      const T* values_a = reinterpret_cast<const T*>(&raw_a);
-      const T* values_b = reinterpret_cast<const T*>(&raw_b);
+  constexpr int kVec = RowChunks<T>::kVec;
+  const int64_t num_chunks = (vocab + kVec - 1) / kVec;
+  const int64_t full_chunks = vocab / kVec;
+  const bool aligned_a = is_aligned16(row_a), aligned_b = is_aligned16(row_b);
+  for (int64_t chunk = threadIdx.x; chunk < num_chunks; chunk += blockDim.x) {
+    float a[kVec], b[kVec];
+    load_chunk(row_a, chunk, vocab, aligned_a && chunk < full_chunks, a);
+    load_chunk(row_b, chunk, vocab, aligned_b && chunk < full_chunks, b);
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) fn(i * kVec + e, to_float(values_a[e]), to_float(values_b[e]));
-    }
-    scalar_begin = num_vec * kVec;
+    for (int e = 0; e < kVec; ++e)
+      if (chunk * kVec + e < vocab) fn(chunk * kVec + e, a[e], b[e]);
   }
-  for (int64_t v = scalar_begin + threadIdx.x; v < vocab; v += blockDim.x)
-    fn(v, to_float(row_a[v]), to_float(row_b[v]));
 }
 
 // Online softmax statistics at temperature T: the max m of the finite x seen and the sum

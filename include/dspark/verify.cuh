@@ -69,8 +69,9 @@ __device__ __forceinline__ bool request_is_valid(const VerifyParams& p, int64_t 
 // that the elements strictly above t satisfy a limit: fewer than `count_limit` of them
 // (top-k), or (mass mode) their mass below `mass_fraction` of the mass of all candidates
 // (top-p; the row maximum always qualifies), the mass of x being exp((x - max) / T).
-// Four passes of 8-bit digits over the order-preserving key of x, counts and masses in shared-memory histograms. Masses are
-// fixed point (2^-32) so that atomic accumulation is exact and the result deterministic.
+// Four passes of 8-bit digits over the order-preserving key of x, counts and masses in
+// shared-memory histograms. Masses are fixed point (see mass_scale_exponent) so that
+// atomic accumulation is exact and the result deterministic.
 struct RadixState {
   uint32_t count[256];
   unsigned long long mass[256];
@@ -81,13 +82,20 @@ struct RadixState {
   int chosen;
 };
 
-__device__ __forceinline__ unsigned long long fixed_mass(float x, float row_max, float temperature) {
-  return __float2ull_rn(expf((x - row_max) / temperature) * 0x1p32f);
+// Fixed-point scale 2^s of the masses (each <= 1): as fine as possible while the sum of V
+// of them stays below 2^63, so tokens far below the max still count (s >= 32 for V < 2^31).
+__device__ __forceinline__ int mass_scale_exponent(int64_t vocab) {
+  return 63 - (64 - __clzll(static_cast<long long>(vocab)));
+}
+
+__device__ __forceinline__ unsigned long long fixed_mass(float x, float row_max, float temperature, int scale) {
+  return __float2ull_rn(ldexpf(expf((x - row_max) / temperature), scale));
 }
 
 template <typename T>
 __device__ float radix_threshold(const T* row, int64_t vocab, float temperature, float row_max, float floor,
                                  bool mass_mode, int64_t count_limit, float mass_fraction, RadixState& st) {
+  const int scale = mass_scale_exponent(vocab);
   if (threadIdx.x == 0) {
     st.prefix = 0;
     st.above_count = 0;
@@ -107,7 +115,7 @@ __device__ float radix_threshold(const T* row, int64_t vocab, float temperature,
       if ((static_cast<uint64_t>(key) >> (shift + 8)) != prefix_high) return;
       const int digit = (key >> shift) & 0xFF;
       atomicAdd(&st.count[digit], 1u);
-      if (mass_mode) atomicAdd(&st.mass[digit], fixed_mass(y, row_max, temperature));
+      if (mass_mode) atomicAdd(&st.mass[digit], fixed_mass(y, row_max, temperature, scale));
     });
     __syncthreads();
     if (threadIdx.x < 32) {
@@ -313,12 +321,11 @@ __global__ void __launch_bounds__(kVerifyThreads) verify_finish_kernel(const T* 
     const VerifyRowStats row = stats[accepted];
     const int64_t token = drafts[accepted];
     const T* target_row = target_logits + (p.target_offset[b] + accepted) * p.target_stride;
-    const T* draft_row = kHasDraft ? draft_logits + (b * p.max_draft + accepted) * p.vocab : target_row;
     RandomRow random(static_cast<uint64_t>(p.seed[b]), kStreamResample, static_cast<uint32_t>(accepted),
                      static_cast<uint64_t>(p.offset[b]));
     ArgMax residual_race{-INFINITY, -1};
     ArgMax target_race{-INFINITY, -1};  // used only if the residual has no mass
-    for_each_pair(target_row, draft_row, p.vocab, [&](int64_t v, float raw_target, float raw_draft) {
+    auto visit = [&](int64_t v, float raw_target, float raw_draft) {
       const float x = sanitize_logit(raw_target);
       const bool kept = x > -INFINITY && x >= row.threshold;
       const float relative = (x - row.target_max) / temperature;
@@ -342,7 +349,12 @@ __global__ void __launch_bounds__(kVerifyThreads) verify_finish_kernel(const T* 
         const float key = race_key_log(relative, word);
         if (beats(key, v, target_race)) target_race = {key, v};
       }
-    });
+    };
+    if constexpr (kHasDraft) {
+      for_each_pair(target_row, draft_logits + (b * p.max_draft + accepted) * p.vocab, p.vocab, visit);
+    } else {
+      for_each_element(target_row, p.vocab, [&](int64_t v, float raw) { visit(v, raw, 0.f); });
+    }
     residual_race = block_allreduce<kVerifyThreads>(residual_race);
     target_race = block_allreduce<kVerifyThreads>(target_race);
     emitted = residual_race.index >= 0 ? residual_race.index : target_race.index;
