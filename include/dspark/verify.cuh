@@ -183,7 +183,7 @@ __device__ float radix_threshold(const T* row, int64_t vocab, float temperature,
 
 // ---------------------------------------------------------------- kernel 1: rows
 template <typename T, bool kHasDraft>
-__global__ void __launch_bounds__(kVerifyThreads) verify_rows_kernel(const T* __restrict__ target_logits,
+__global__ void __launch_bounds__(kVerifyThreads, 2) verify_rows_kernel(const T* __restrict__ target_logits,
                                                                      const T* __restrict__ draft_logits,
                                                                      VerifyParams p) {
   const int64_t b = blockIdx.x;
@@ -292,7 +292,7 @@ __global__ void __launch_bounds__(kVerifyThreads) verify_rows_kernel(const T* __
 
 // ---------------------------------------------------------------- kernel 2: finish
 template <typename T, bool kHasDraft>
-__global__ void __launch_bounds__(kVerifyThreads) verify_finish_kernel(const T* __restrict__ target_logits,
+__global__ void __launch_bounds__(kVerifyThreads, 2) verify_finish_kernel(const T* __restrict__ target_logits,
                                                                        const T* __restrict__ draft_logits,
                                                                        VerifyParams p) {
   const int64_t b = blockIdx.x;
