@@ -27,10 +27,11 @@ struct RowDistribution {
   float threshold = kNegInf;  // kept iff x_v >= threshold and x_v > -inf
   float row_max = 0.f;        // m over kept tokens (0 if none)
   float mass = 0.f;           // S = sum over kept of exp((x_v - m) / T)
+  std::vector<float> weights; // [V] exp((x_v - m) / T) if kept, else 0
 
   bool kept(int64_t v) const { return logits[v] > kNegInf && logits[v] >= threshold; }
   float relative(int64_t v) const { return (logits[v] - row_max) / temperature; }
-  float prob(int64_t v) const { return (mass > 0.f && kept(v)) ? std::exp(relative(v)) / mass : 0.f; }
+  float prob(int64_t v) const { return mass > 0.f ? weights[v] / mass : 0.f; }
 };
 
 template <typename scalar_t>
@@ -84,9 +85,12 @@ void build_distribution(const scalar_t* logits, int64_t vocab, float temperature
   for (int64_t v = 0; v < vocab; ++v)
     if (dist.kept(v)) row_max = std::max(row_max, dist.logits[v]);
   dist.row_max = row_max > kNegInf ? row_max : 0.f;
+  dist.weights.resize(vocab);
   float mass = 0.f;
-  for (int64_t v = 0; v < vocab; ++v)
-    if (dist.kept(v)) mass += std::exp(dist.relative(v));
+  for (int64_t v = 0; v < vocab; ++v) {
+    dist.weights[v] = dist.kept(v) ? std::exp(dist.relative(v)) : 0.f;
+    mass += dist.weights[v];
+  }
   dist.mass = mass;
 }
 
