@@ -43,7 +43,7 @@ $(STAMP): $(VENV)/.deps $(SOURCES)
 ctest: $(VENV)/.deps
 	mkdir -p build
 	CUDA_HOME=$(CUDA_HOME) cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release \
-		-DPython3_EXECUTABLE=$(abspath $(PY)) \
+		-DPython3_EXECUTABLE=$(abspath $(PY)) -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV)/bin/ninja) \
 		-DCMAKE_PREFIX_PATH=$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)') \
 		> build/cmake.log 2>&1 || (cat build/cmake.log; exit 1)
 	cmake --build build/cmake -j $(MAX_JOBS)
