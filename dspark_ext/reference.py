@@ -7,7 +7,8 @@ so the reference stays usable at real vocabulary sizes.
 
 Conventions shared by all ops (DESIGN.md, "Common rules"):
 
-* logits are read as float32; NaN counts as -inf and +inf as the largest float;
+* logits are read as float32; NaN counts as -inf, +inf and |x| > FLT_MAX/2 are clamped
+  to +-FLT_MAX/2; temperature +inf is clamped to FLT_MAX;
 * at temperature T the distribution is softmax(x / T), computed as exp((x - max) / T);
 * temperature <= 0 (or NaN) means greedy: argmax, ties to the smallest index;
 * sampling is an exponential race: argmax_v ((x_v - max) / T - log E_v) for logits x, or
@@ -28,6 +29,7 @@ __all__ = [
     "acceptance_uniform",
     "exponential",
     "sanitize",
+    "sanitize_temperature",
     "filter_mask",
     "relative_logits",
     "verify",
@@ -117,11 +119,23 @@ def exponential(words: torch.Tensor) -> torch.Tensor:
     return torch.where(low, -torch.log(w), -torch.log1p(-w))
 
 
+LOGIT_LIMIT = _FLT_MAX / 2
+
+
 def sanitize(logits: torch.Tensor) -> torch.Tensor:
-    """float32 copy with NaN -> -inf and +inf -> the largest finite float."""
+    """float32 copy with NaN -> -inf, and +inf and finite values beyond +-FLT_MAX/2 clamped
+    to +-FLT_MAX/2 (-inf stays): x - max is then always finite or -inf."""
     y = logits.float()
     y = torch.where(torch.isnan(y), torch.full_like(y, -float("inf")), y)
-    return torch.clamp(y, max=_FLT_MAX)
+    clamped = torch.clamp(y, min=-LOGIT_LIMIT, max=LOGIT_LIMIT)
+    return torch.where(y == -float("inf"), y, clamped)
+
+
+def sanitize_temperature(temperature):
+    """Sampling temperature with +inf clamped to FLT_MAX (<= 0 and NaN stay: greedy)."""
+    if torch.is_tensor(temperature):
+        return torch.where(temperature > _FLT_MAX, torch.full_like(temperature, _FLT_MAX), temperature)
+    return _FLT_MAX if temperature > _FLT_MAX else temperature
 
 
 # --------------------------------------------------------------------------- filters
@@ -270,7 +284,7 @@ def verify(target_logits: torch.Tensor, target_offset: torch.Tensor, draft_token
         start = int(target_offset[b])
         rows = target_logits[start:start + length + 1]  # [L+1, V]
         drafts = draft_tokens[b, :length]
-        temp = float(temperature[b])
+        temp = sanitize_temperature(float(temperature[b]))
         rows = sanitize(rows)
         if not temp > 0.0:
             target_best = _argmax_or_none(rows, rows > -float("inf"))
@@ -363,7 +377,8 @@ def markov_draft(backbone_logits: torch.Tensor, anchor: torch.Tensor, w1: torch.
         y = sanitize(z)
         greedy = ~(temperature > 0)
         finite = y > -float("inf")
-        scaled = relative_logits(y, finite, torch.where(greedy, torch.ones_like(temperature), temperature))
+        scaled = relative_logits(y, finite, torch.where(greedy, torch.ones_like(temperature),
+                                                        sanitize_temperature(temperature)))
         words = random_words(seed, STREAM_DRAFT, k, offset, draft_vocab)
         keys = torch.where(greedy.unsqueeze(1), y, scaled - torch.log(exponential(words)))
         choice = _argmax_or_none(keys, y > -float("inf"))

@@ -151,7 +151,9 @@ def test_exponential_monotone_and_distribution():
 def test_sanitize():
     y = R.sanitize(torch.tensor([float("nan"), float("inf"), -float("inf"), 1.5], dtype=torch.bfloat16))
     assert y.dtype == torch.float32
-    assert y.tolist() == [NEG_INF, FLT_MAX, NEG_INF, 1.5]
+    assert y.tolist() == [NEG_INF, FLT_MAX / 2, NEG_INF, 1.5]
+    big = R.sanitize(torch.tensor([3e38, -3e38, 1e38, -1e38]))
+    assert big.tolist() == [FLT_MAX / 2, -FLT_MAX / 2, torch.tensor(1e38).item(), torch.tensor(-1e38).item()]
 
 
 # --------------------------------------------------------------------------- filter_mask

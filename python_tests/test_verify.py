@@ -745,6 +745,43 @@ def test_tiny_temperature_is_the_greedy_limit(device):
     assert bool((out[:, 0] == 1).all())
 
 
+def _single_row_inputs(row, n, temperature, num_draft=0, draft=None):
+    rows = torch.tensor(row, dtype=torch.float32)
+    k = rows.shape[0] - 1
+    drafts = torch.zeros(n, k, dtype=torch.int64) if draft is None else torch.tensor(draft).repeat(n, 1)
+    return dict(target_logits=rows, target_offset=torch.zeros(n, dtype=torch.int64), draft_tokens=drafts,
+                draft_logits=None, num_draft=torch.full((n,), num_draft, dtype=torch.int32),
+                temperature=torch.full((n,), temperature), seed=torch.arange(n, dtype=torch.int64),
+                offset=torch.zeros(n, dtype=torch.int64))
+
+
+def test_infinite_temperature_is_uniform(device):
+    """T = +inf counts as FLT_MAX: softmax(x / T) is uniform over the finite logits, so a
+    deterministic draft is accepted with probability 1/4 and the bonus is uniform."""
+    n = 8000
+    inputs = _single_row_inputs([[0.0, 1.0, 2.0, 3.0], [0.0, 1.0, 2.0, 3.0]], n, float("inf"), 1, [1])
+    out, acc = call_op(inputs, device)
+    ref_out, ref_acc = call_ref({k: v for k, v in inputs.items()})
+    assert torch.equal(out, ref_out) and torch.equal(acc, ref_acc)
+    rate = acc.double().mean().item()
+    assert abs(rate - 0.25) < 4.5 * (0.25 * 0.75 / n) ** 0.5, rate  # about 4.5 sigma
+    assert chi2_pvalue(out[:, 0], np.full(4, 0.25)) > ALPHA
+
+
+def test_huge_logits_and_temperature_follow_the_clamped_softmax(device):
+    """Logits beyond FLT_MAX/2 are clamped to it, so x - max never overflows even when the
+    row spans the whole float range; at T = 3e38 the distribution is the float64 softmax
+    of the clamped logits over T (no token gets mass from an overflowed difference)."""
+    n = 20000
+    row = [-2e38, 0.0, INF, 0.0]
+    inputs = _single_row_inputs([row], n, 3e38)
+    out, _ = call_op(inputs, device)
+    clamped = np.clip(np.array(row, dtype=np.float64), -R.LOGIT_LIMIT, R.LOGIT_LIMIT)
+    z = (clamped - clamped.max()) / np.float64(np.float32(3e38))
+    probs = np.exp(z) / np.exp(z).sum()
+    assert chi2_pvalue(out[:, 0], probs) > ALPHA
+
+
 # --------------------------------------------------------------------------- 6. argument errors
 def _valid_inputs(device="cpu", batch=3, k=2, vocab=10, dtype=torch.float32):
     g = torch.Generator().manual_seed(0)

@@ -344,10 +344,18 @@ void test_sanitize_logit() {
         static_cast<double>(dspark::sanitize_logit(-std::numeric_limits<float>::quiet_NaN())));
   check(dspark::sanitize_logit(bits_float(0x7fa00001u)) == -INFINITY, "sanitize_logit(signalling NaN) == -inf",
         "got %g", static_cast<double>(dspark::sanitize_logit(bits_float(0x7fa00001u))));
-  check(dspark::sanitize_logit(INFINITY) == FLT_MAX, "sanitize_logit(+inf) == FLT_MAX", "got %g",
+  const float half_max = FLT_MAX / 2;
+  check(dspark::sanitize_logit(INFINITY) == half_max, "sanitize_logit(+inf) == FLT_MAX / 2", "got %g",
         static_cast<double>(dspark::sanitize_logit(INFINITY)));
-  const float finite[] = {-INFINITY, -FLT_MAX, -1e30f, -2.5f, -FLT_MIN, -FLT_TRUE_MIN, -0.0f, 0.0f,
-                          FLT_TRUE_MIN, FLT_MIN * 0.5f, FLT_MIN, 1.0f, 3.14159f, 1e30f, FLT_MAX};
+  check(dspark::sanitize_logit(FLT_MAX) == half_max && dspark::sanitize_logit(-FLT_MAX) == -half_max,
+        "sanitize_logit clamps finite values beyond FLT_MAX / 2", "got %g %g",
+        static_cast<double>(dspark::sanitize_logit(FLT_MAX)), static_cast<double>(dspark::sanitize_logit(-FLT_MAX)));
+  check(dspark::sanitize_temperature(INFINITY) == FLT_MAX && dspark::sanitize_temperature(0.5f) == 0.5f &&
+            dspark::sanitize_temperature(0.f) == 0.f,
+        "sanitize_temperature clamps +inf to FLT_MAX only", "got %g",
+        static_cast<double>(dspark::sanitize_temperature(INFINITY)));
+  const float finite[] = {-INFINITY, -half_max, -1e30f, -2.5f, -FLT_MIN, -FLT_TRUE_MIN, -0.0f, 0.0f,
+                          FLT_TRUE_MIN, FLT_MIN * 0.5f, FLT_MIN, 1.0f, 3.14159f, 1e30f, half_max};
   int bad = 0;
   float first_bad = 0.f;
   for (float y : finite) {

@@ -231,7 +231,7 @@ std::tuple<at::Tensor, at::Tensor> verify_cpu(const at::Tensor& target_logits, c
       for (int64_t b = begin; b < end; ++b) {
         const RequestParams request{lengths[b],
                                     drafts + b * shape.max_draft,
-                                    temperatures[b],
+                                    sanitize_temperature(temperatures[b]),
                                     static_cast<uint64_t>(seeds[b]),
                                     static_cast<uint64_t>(round_offsets[b]),
                                     top_ks ? top_ks[b] : 0,

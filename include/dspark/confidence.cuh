@@ -29,25 +29,26 @@ struct ConfidenceParams {
   int64_t vocab;                // Vt
 };
 
-// Sum over the warp of x[i] * w[i], i < n; every lane gets the result.
+// Sum over the warp of x[i] * w[i], i < n; every lane gets the result. Lane l owns the
+// 16-byte chunks l, l + 32, ... of x whatever its alignment, so the summation order (and
+// the result) does not depend on where the row lies in memory.
 template <typename T, typename W>
 __device__ __forceinline__ float warp_dot(const T* x, const W* w, int64_t n) {
-  constexpr int kVec = 16 / sizeof(T);
+  constexpr int kVec = RowChunks<T>::kVec;
   const int lane = threadIdx.x % 32;
+  const int64_t num_chunks = (n + kVec - 1) / kVec;
+  const int64_t full_chunks = n / kVec;
+  const bool aligned = is_aligned16(x);
   float acc = 0.f;
-  int64_t scalar_begin = 0;
-  if ((reinterpret_cast<uintptr_t>(x) & 15) == 0) {
-    const int64_t num_vec = n / kVec;
-    const uint4* vec_x = reinterpret_cast<const uint4*>(x);
-    for (int64_t i = lane; i < num_vec; i += 32) {
-      const uint4 raw = __ldg(vec_x + i);
-      const T* values = reinterpret_cast<const T*>(&raw);
+  for (int64_t chunk = lane; chunk < num_chunks; chunk += 32) {
+    float values[kVec];
+    load_chunk(x, chunk, n, aligned && chunk < full_chunks, values);
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) acc = fmaf(to_float(values[e]), to_float(w[i * kVec + e]), acc);
+    for (int e = 0; e < kVec; ++e) {
+      const int64_t i = chunk * kVec + e;
+      if (i < n) acc = fmaf(values[e], to_float(w[i]), acc);
     }
-    scalar_begin = num_vec * kVec;
   }
-  for (int64_t i = scalar_begin + lane; i < n; i += 32) acc = fmaf(to_float(x[i]), to_float(w[i]), acc);
   return warp_allreduce(acc);
 }
 

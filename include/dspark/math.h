@@ -144,12 +144,22 @@ DSPARK_HOST_DEVICE float race_key_prob(float weight, uint32_t x) {
   return weight / exponential_from_bits(x);
 }
 
-// NaN counts as -inf; +inf becomes the largest finite float so that max-subtraction
-// never forms inf - inf (a row with +inf logits puts all its mass on them).
+// Largest logit magnitude kept: half the float range, so that x - max never overflows.
+constexpr float kLogitLimit = 0x1.fffffep+126f;  // FLT_MAX / 2
+
+// NaN counts as -inf; +inf and finite values beyond +-FLT_MAX/2 are clamped to +-FLT_MAX/2,
+// so that x - max is always finite or -inf (a row with +inf logits puts all its mass on
+// them, shared evenly). -inf stays -inf.
 DSPARK_HOST_DEVICE float sanitize_logit(float y) {
   if (y != y) return -INFINITY;
-  return y > FLT_MAX ? FLT_MAX : y;
+  if (y > kLogitLimit) return kLogitLimit;
+  if (y < -kLogitLimit && y != -INFINITY) return -kLogitLimit;
+  return y;
 }
+
+// Sampling temperature: > 0 samples (+inf is clamped to FLT_MAX, where softmax(x / T) is
+// uniform over the finite x); <= 0 or NaN means greedy, which callers test first.
+DSPARK_HOST_DEVICE float sanitize_temperature(float t) { return t > FLT_MAX ? FLT_MAX : t; }
 
 // Maps a float to an unsigned key with the same order (-inf lowest), for radix select.
 DSPARK_HOST_DEVICE uint32_t ordered_key(float y) {

@@ -98,7 +98,7 @@ struct SoftmaxStats {
   __device__ __forceinline__ void add(float x) {
     if (x == -INFINITY) return;
     if (x > max) {
-      sum = sum * expf((max - x) / temperature) + 1.f;
+      sum = (max == -INFINITY ? 0.f : sum * expf((max - x) / temperature)) + 1.f;
       max = x;
     } else {
       sum += expf((x - max) / temperature);
@@ -107,8 +107,9 @@ struct SoftmaxStats {
 };
 
 __device__ __forceinline__ SoftmaxStats combine(SoftmaxStats a, SoftmaxStats b) {
+  if (a.max == -INFINITY) return {b.max, b.sum, a.temperature};
+  if (b.max == -INFINITY) return a;
   const float m = fmaxf(a.max, b.max);
-  if (m == -INFINITY) return {m, 0.f, a.temperature};
   return {m, a.sum * expf((a.max - m) / a.temperature) + b.sum * expf((b.max - m) / a.temperature), a.temperature};
 }
 

@@ -143,7 +143,8 @@ __device__ float radix_threshold(const T* row, int64_t vocab, float temperature,
         if (lane == 0) st.total_mass = total;
       }
       __syncwarp();
-      const double mass_limit = static_cast<double>(mass_fraction) * static_cast<double>(st.total_mass);
+      // The limit is rounded as the spec rounds it: float32 top_p times the float32 total.
+      const float mass_limit = mass_fraction * static_cast<float>(ldexp(static_cast<double>(st.total_mass), -scale));
       uint32_t run_count = st.above_count + incl_count - lane_count;
       unsigned long long run_mass = st.above_mass + incl_mass - lane_mass;
       int candidate = 256;
@@ -152,7 +153,8 @@ __device__ float radix_threshold(const T* row, int64_t vocab, float temperature,
       for (int i = 0; i < 8; ++i) {
         const int digit = 255 - 8 * lane - i;
         if (st.count[digit] > 0) {
-          const bool ok = mass_mode ? (run_count == 0 || static_cast<double>(run_mass) < mass_limit)
+          const bool ok = mass_mode ? (run_count == 0 ||
+                                       static_cast<float>(ldexp(static_cast<double>(run_mass), -scale)) < mass_limit)
                                     : (static_cast<int64_t>(run_count) < count_limit);
           if (!ok) break;
           candidate = digit;
@@ -191,7 +193,7 @@ __global__ void __launch_bounds__(kVerifyThreads, 2) verify_rows_kernel(const T*
   const int64_t length = p.num_draft[b];
   if (j > length || !request_is_valid(p, b)) return;  // uniform over the block
   const T* target_row = target_logits + (p.target_offset[b] + j) * p.target_stride;
-  const float temperature = p.temperature[b];
+  const float temperature = sanitize_temperature(p.temperature[b]);
   VerifyRowStats result{};
   result.threshold = -INFINITY;
   result.token = -1;
@@ -304,7 +306,7 @@ __global__ void __launch_bounds__(kVerifyThreads, 2) verify_finish_kernel(const 
     return;
   }
   const int64_t length = p.num_draft[b];
-  const float temperature = p.temperature[b];
+  const float temperature = sanitize_temperature(p.temperature[b]);
   const bool greedy = !(temperature > 0.f);
   const VerifyRowStats* stats = p.stats + b * width;
   const int64_t* drafts = p.draft_tokens + b * p.max_draft;
