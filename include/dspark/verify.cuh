@@ -114,7 +114,10 @@ __device__ float radix_threshold(const T* row, int64_t vocab, float temperature,
       const uint32_t key = ordered_key(y);
       if ((static_cast<uint64_t>(key) >> (shift + 8)) != prefix_high) return;
       const int digit = (key >> shift) & 0xFF;
-      atomicAdd(&st.count[digit], 1u);
+      // Real logits fall into few top-level digits: one count atomic per distinct digit
+      // of the converged lanes instead of one per lane (warp-aggregated atomics).
+      const unsigned peers = __match_any_sync(__activemask(), digit);
+      if ((threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(&st.count[digit], static_cast<uint32_t>(__popc(peers)));
       if (mass_mode) atomicAdd(&st.mass[digit], fixed_mass(y, row_max, temperature, scale));
     });
     __syncthreads();
