@@ -6,7 +6,9 @@ Part 1 drafts K tokens per request from a draft distribution close to the target
 verifies them with torch.ops.dspark.verify and prints the emitted tokens and acceptance
 statistics. Part 2 repeats one small request 200 000 times with different seeds and
 compares the distribution of the first emitted token with the target distribution
-(chi-square test and total-variation distance).
+(chi-square test and total-variation distance). Part 3 scores drafts with the confidence
+head, turns survival into verify lengths with the load-aware scheduler (paper Algorithm 1)
+for an idle and a saturated target, and prints how many drafts each would verify.
 """
 
 from __future__ import annotations
@@ -97,6 +99,36 @@ def part_two(args) -> None:
     print("  " + ("PASS: matches the target distribution" if p_value > 1e-3 else "FAIL: distribution differs"))
 
 
+def part_three(args) -> None:
+    """Confidence head -> survival -> load-aware verify lengths, on an idle and a busy target."""
+    from dspark_ext.scheduler import CostProfile, LoadAwareScheduler
+
+    gen = torch.Generator().manual_seed(2)
+    batch, max_draft, hidden, rank, vocab = 64, 7, 256, 32, 1000
+    device = args.device
+    h = torch.randn(batch, max_draft, hidden, generator=gen)
+    prev = torch.randint(0, vocab, (batch, max_draft), generator=gen)
+    w1 = torch.randn(vocab, rank, generator=gen) * 0.3
+    weight = torch.randn(hidden + rank, generator=gen) * 0.08
+    bias = torch.tensor(1.5)
+    sts_temperature = torch.linspace(1.0, 1.6, max_draft)
+    move = [t.to(device) for t in (h, prev, w1, weight, bias, sts_temperature)]
+    conf, survival = ops.confidence(*move)
+    # Two made-up target cost curves (seconds against tokens verified in one step): a
+    # GPU with idle capacity (flat up to 512 tokens) and a saturated one (20 ms + 0.1 ms
+    # per token).
+    idle = CostProfile([1, 512, 1024], [0.010, 0.010, 0.018])
+    busy = CostProfile([1, 1024], [0.0201, 0.1224])
+    print(f"== scheduling: B={batch}, K={max_draft}, mean confidence {conf.mean().item():.2f}, "
+          f"mean survival at k=K-1 {survival[:, -1].mean().item():.2f}")
+    for name, cost in (("idle target", idle), ("saturated target", busy)):
+        lengths = LoadAwareScheduler(cost, max_draft, mode="early_stop").plan(survival)
+        verified = int(lengths.sum())
+        expected = batch + float(sum(survival[b, :int(lengths[b])].sum() for b in range(batch)))
+        print(f"  {name:17s}: verify {verified:3d} drafts (mean L {lengths.float().mean().item():.2f}); "
+              f"expected tokens {expected:.1f} for {batch + verified} target tokens")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if dspark_ext.cuda_available() else "cpu")
@@ -106,6 +138,7 @@ def main() -> None:
     args = parser.parse_args()
     part_one(args)
     part_two(args)
+    part_three(args)
 
 
 if __name__ == "__main__":
