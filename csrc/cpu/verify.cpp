@@ -59,16 +59,18 @@ float filter_threshold(const std::vector<float>& x, float temperature, int32_t t
   sorted_x.resize(candidates);
   std::sort(sorted_x.begin(), sorted_x.end(), std::greater<float>());
   if (sorted_x.empty() || sorted_x[0] == kNegInf) return threshold;
+  // Masses are summed in double (a float sum in descending order drops the tail once it
+  // is large); the limit and the comparison are rounded to float as in the spec.
   const float row_max = sorted_x[0];
-  float total = 0.f;
+  double total = 0.0;
   for (float value : sorted_x) total += value > kNegInf ? std::exp((value - row_max) / temperature) : 0.f;
-  const float limit = top_p * total;
+  const float limit = top_p * static_cast<float>(total);
   // The cut is at the last sorted entry whose preceding mass is below the limit; the
   // first entry always qualifies, so the most likely tokens are always kept.
-  float before = 0.f;
+  double before = 0.0;
   float cut = sorted_x[0];
   for (float value : sorted_x) {
-    if (!(before < limit) || value == kNegInf) break;
+    if (!(static_cast<float>(before) < limit) || value == kNegInf) break;
     cut = value;
     before += std::exp((value - row_max) / temperature);
   }

@@ -10,12 +10,16 @@
 // The semantics are those of dspark_ext/reference.py.
 #pragma once
 
+#include <cooperative_groups.h>
+
 #include <cstdint>
 
 #include "dspark/math.h"
 #include "dspark/reduce.cuh"
 
 namespace dspark {
+
+namespace cg = cooperative_groups;
 
 constexpr int kVerifyThreads = 512;
 
@@ -116,8 +120,8 @@ __device__ float radix_threshold(const T* row, int64_t vocab, float temperature,
       const int digit = (key >> shift) & 0xFF;
       // Real logits fall into few top-level digits: one count atomic per distinct digit
       // of the converged lanes instead of one per lane (warp-aggregated atomics).
-      const unsigned peers = __match_any_sync(__activemask(), digit);
-      if ((threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(&st.count[digit], static_cast<uint32_t>(__popc(peers)));
+      const cg::coalesced_group peers = cg::labeled_partition(cg::coalesced_threads(), digit);
+      if (peers.thread_rank() == 0) atomicAdd(&st.count[digit], static_cast<uint32_t>(peers.size()));
       if (mass_mode) atomicAdd(&st.mass[digit], fixed_mass(y, row_max, temperature, scale));
     });
     __syncthreads();
