@@ -4,18 +4,11 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
-#include <cmath>
-
 #include "../confidence_args.h"
+#include "dspark/math.h"
 
 namespace dspark {
 namespace {
-
-// sigmoid, with a NaN logit mapped to confidence 0 (such a draft is simply not verified).
-inline float confidence_from_logit(float logit) {
-  if (std::isnan(logit)) return 0.f;
-  return 1.f / (1.f + std::exp(-logit));
-}
 
 template <typename T, typename W>
 float dot(const T* x, const W* w, int64_t n) {

@@ -52,12 +52,6 @@ __device__ __forceinline__ float warp_dot(const T* x, const W* w, int64_t n) {
   return warp_allreduce(acc);
 }
 
-// sigmoid, with a NaN logit mapped to confidence 0 (such a draft is simply not verified).
-__host__ __device__ __forceinline__ float confidence_from_logit(float logit) {
-  if (logit != logit) return 0.f;
-  return 1.f / (1.f + expf(-logit));
-}
-
 template <typename T, typename W>
 __global__ void __launch_bounds__(kConfidenceThreads) confidence_kernel(const T* __restrict__ hidden,
                                                                         const T* __restrict__ w1,

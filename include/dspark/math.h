@@ -161,6 +161,13 @@ DSPARK_HOST_DEVICE float sanitize_logit(float y) {
 // uniform over the finite x); <= 0 or NaN means greedy, which callers test first.
 DSPARK_HOST_DEVICE float sanitize_temperature(float t) { return t > FLT_MAX ? FLT_MAX : t; }
 
+// Confidence head: sigmoid of the logit, with a NaN logit mapped to confidence 0 (such a
+// draft is simply not verified, which costs throughput but never correctness).
+DSPARK_HOST_DEVICE float confidence_from_logit(float logit) {
+  if (logit != logit) return 0.f;
+  return 1.f / (1.f + expf(-logit));
+}
+
 // Maps a float to an unsigned key with the same order (-inf lowest), for radix select.
 DSPARK_HOST_DEVICE uint32_t ordered_key(float y) {
   uint32_t bits;
