@@ -1,14 +1,11 @@
-"""torch.ops.dspark.confidence: parity with the reference, errors, NaN, opcheck, CUDA graph."""
+"""torch.ops.dspark.confidence: parity with the reference, errors, NaN, opcheck, CUDA graph.
+
+The `device` and `cuda_device` fixtures come from conftest.py (CUDA runs skip with the reason)."""
 
 import pytest
 import torch
 
 from dspark_ext import ops, reference
-
-HAS_CUDA_KERNEL = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
-    "dspark::confidence", "CUDA")
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
-    not HAS_CUDA_KERNEL, reason="no CUDA GPU or extension built without CUDA")])]
 
 # Absolute tolerance on conf/survival (probabilities) per dtype of hidden: the kernels and
 # the reference both accumulate in float32, in different orders.
@@ -28,7 +25,6 @@ def make_inputs(batch=6, steps=5, hidden=96, rank=16, vocab=50, dtype=torch.floa
     return [move(h), move(prev), move(w1), move(weight), move(bias), move(temps)]
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("with_w1", [True, False])
 @pytest.mark.parametrize("weight_dtype", ["float32", "same"])
@@ -42,7 +38,6 @@ def test_parity_with_reference(device, dtype, with_w1, weight_dtype):
     torch.testing.assert_close(survival.cpu(), ref_survival, atol=ATOL[dtype], rtol=0)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_formula_against_float64(device):
     """Independent check of the formula (not via reference.py), in float64."""
     h, prev, w1, weight, bias, temps = make_inputs(device=device)
@@ -57,7 +52,6 @@ def test_formula_against_float64(device):
         torch.testing.assert_close(survival[:, k].double(), expected_survival, atol=2e-6, rtol=0)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_no_sts_means_temperature_one(device):
     args = make_inputs(device=device)
     ones = torch.ones_like(args[5])
@@ -66,7 +60,6 @@ def test_no_sts_means_temperature_one(device):
     torch.testing.assert_close(a[0], b[0], atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_batch_invariance(device):
     args = make_inputs(batch=9, device=device)
     full, _ = ops.confidence(*args)
@@ -75,7 +68,6 @@ def test_batch_invariance(device):
         assert torch.equal(single[0], full[b])
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_nan_and_inf_hidden(device):
     h, prev, w1, weight, bias, temps = make_inputs(device=device)
     h[1, 2, 0] = float("nan")
@@ -119,7 +111,6 @@ def test_errors_name_the_argument():
         ops.confidence(h, bad, w1, weight, bias, temps)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     for with_w1 in (True, False):
         args = make_inputs(with_w1=with_w1, device=device)
@@ -135,16 +126,14 @@ def test_torch_compile_fullgraph_cpu():
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not HAS_CUDA_KERNEL, reason="no CUDA GPU or extension built without CUDA")
-def test_cuda_graph_and_cpu_agreement():
-    static = make_inputs(batch=32, steps=8, hidden=256, rank=32, dtype=torch.bfloat16, device="cuda")
+def test_cuda_graph_and_cpu_agreement(cuda_device):
+    static = make_inputs(batch=32, steps=8, hidden=256, rank=32, dtype=torch.bfloat16, device=cuda_device)
     ops.confidence(*static)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         conf, survival = ops.confidence(*static)
-    fresh = make_inputs(batch=32, steps=8, hidden=256, rank=32, dtype=torch.bfloat16, device="cuda", seed=5)
+    fresh = make_inputs(batch=32, steps=8, hidden=256, rank=32, dtype=torch.bfloat16, device=cuda_device, seed=5)
     for dst, src in zip(static, fresh):
         if dst is not None:
             dst.copy_(src)
@@ -155,10 +144,8 @@ def test_cuda_graph_and_cpu_agreement():
     torch.testing.assert_close(conf.cpu(), cpu[0], atol=1e-4, rtol=0)
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not HAS_CUDA_KERNEL, reason="no CUDA GPU or extension built without CUDA")
-def test_cuda_out_of_range_token_gives_nan():
-    args = make_inputs(device="cuda")
+def test_cuda_out_of_range_token_gives_nan(cuda_device):
+    args = make_inputs(device=cuda_device)
     args[1][2, 3] = -1
     conf, _ = ops.confidence(*args)
     assert torch.isnan(conf[2, 3]) and not torch.isnan(conf[0]).any()
