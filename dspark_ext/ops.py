@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .reference import check_verify_values  # noqa: F401  (the value checks of the spec, with a sync)
+
 __all__ = [
     "verify",
     "markov_draft",
@@ -31,34 +33,6 @@ def ragged_target_offset(num_draft: torch.Tensor) -> torch.Tensor:
     num_draft's device, with no host synchronisation."""
     rows = num_draft.to(torch.int64) + 1
     return torch.cumsum(rows, dim=0) - rows
-
-
-def check_verify_values(target_logits: torch.Tensor, target_offset: torch.Tensor, draft_tokens: torch.Tensor,
-                        num_draft: torch.Tensor) -> None:
-    """Raise ValueError for out-of-range num_draft, target_offset or draft ids.
-
-    The CPU kernel always checks these; the CUDA kernel cannot without a host
-    synchronisation, so it marks such a request with num_accepted = -1 instead. Call this
-    (it synchronises) when debugging CUDA inputs.
-    """
-    batch, max_draft = draft_tokens.shape
-    vocab, rows = target_logits.shape[1], target_logits.shape[0]
-    lengths = num_draft.to(torch.int64)
-    bad = (lengths < 0) | (lengths > max_draft)
-    if bool(bad.any()):
-        b = int(bad.nonzero()[0])
-        raise ValueError(f"verify: num_draft[{b}] = {int(lengths[b])} is outside [0, K={max_draft}]")
-    bad = (target_offset < 0) | (target_offset > rows - 1 - lengths)  # no int64 overflow
-    if bool(bad.any()):
-        b = int(bad.nonzero()[0])
-        raise ValueError(f"verify: target_offset[{b}] = {int(target_offset[b])} with num_draft {int(lengths[b])} "
-                         f"needs rows beyond target_logits ({rows} rows)")
-    used = torch.arange(max_draft, device=draft_tokens.device).unsqueeze(0) < lengths.unsqueeze(1)
-    bad = used & ((draft_tokens < 0) | (draft_tokens >= vocab))
-    if bool(bad.any()):
-        b, j = (int(i) for i in bad.nonzero()[0])
-        raise ValueError(f"verify: draft_tokens[{b}, {j}] = {int(draft_tokens[b, j])} is outside the vocabulary "
-                         f"[0, {vocab})")
 
 
 # --------------------------------------------------------------------------- verify

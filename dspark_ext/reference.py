@@ -32,6 +32,7 @@ __all__ = [
     "sanitize_temperature",
     "filter_mask",
     "relative_logits",
+    "check_verify_values",
     "verify",
     "markov_draft",
     "confidence",
@@ -224,7 +225,6 @@ def _check_verify_args(target_logits, target_offset, draft_tokens, draft_logits,
         raise ValueError(f"draft_tokens must be [B, K], got shape {tuple(draft_tokens.shape)}")
     batch, max_draft = draft_tokens.shape
     vocab = target_logits.shape[1]
-    rows = target_logits.shape[0]
     for name, tensor in (("target_offset", target_offset), ("num_draft", num_draft),
                          ("temperature", temperature), ("seed", seed), ("offset", offset),
                          ("top_k", top_k), ("top_p", top_p)):
@@ -232,14 +232,35 @@ def _check_verify_args(target_logits, target_offset, draft_tokens, draft_logits,
             raise ValueError(f"{name} must have shape [{batch}], got {tuple(tensor.shape)}")
     if draft_logits is not None and tuple(draft_logits.shape) != (batch, max_draft, vocab):
         raise ValueError(f"draft_logits must be [{batch}, {max_draft}, {vocab}], got {tuple(draft_logits.shape)}")
-    if bool(((num_draft < 0) | (num_draft > max_draft)).any()):
-        raise ValueError(f"num_draft must lie in [0, K={max_draft}]")
-    # Compared without adding to target_offset, which could overflow int64.
-    if bool(((target_offset < 0) | (target_offset > rows - 1 - num_draft.to(torch.int64))).any()):
-        raise ValueError(f"target_offset: rows target_offset[b] .. +num_draft[b] must lie in [0, {rows})")
-    used = torch.arange(max_draft, device=draft_tokens.device).unsqueeze(0) < num_draft.unsqueeze(1)
-    if bool((used & ((draft_tokens < 0) | (draft_tokens >= vocab))).any()):
-        raise ValueError(f"draft_tokens: the first num_draft[b] ids must lie in [0, V={vocab})")
+    check_verify_values(target_logits, target_offset, draft_tokens, num_draft)
+
+
+def check_verify_values(target_logits: torch.Tensor, target_offset: torch.Tensor, draft_tokens: torch.Tensor,
+                        num_draft: torch.Tensor) -> None:
+    """Raise ValueError for out-of-range num_draft, target_offset or draft ids.
+
+    The CPU kernel always checks these; the CUDA kernel cannot without a host
+    synchronisation, so it marks such a request with num_accepted = -1 instead. Call this
+    (it synchronises) when debugging CUDA inputs.
+    """
+    max_draft = draft_tokens.shape[1]
+    rows, vocab = target_logits.shape
+    lengths = num_draft.to(torch.int64)
+    bad = (lengths < 0) | (lengths > max_draft)
+    if bool(bad.any()):
+        b = int(bad.nonzero()[0])
+        raise ValueError(f"verify: num_draft[{b}] = {int(lengths[b])} is outside [0, K={max_draft}]")
+    bad = (target_offset < 0) | (target_offset > rows - 1 - lengths)  # no int64 overflow
+    if bool(bad.any()):
+        b = int(bad.nonzero()[0])
+        raise ValueError(f"verify: target_offset[{b}] = {int(target_offset[b])} with num_draft {int(lengths[b])} "
+                         f"needs rows beyond target_logits ({rows} rows)")
+    used = torch.arange(max_draft, device=draft_tokens.device).unsqueeze(0) < lengths.unsqueeze(1)
+    bad = used & ((draft_tokens < 0) | (draft_tokens >= vocab))
+    if bool(bad.any()):
+        b, j = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"verify: draft_tokens[{b}, {j}] = {int(draft_tokens[b, j])} is outside the vocabulary "
+                         f"[0, {vocab})")
 
 
 def verify(target_logits: torch.Tensor, target_offset: torch.Tensor, draft_tokens: torch.Tensor,
