@@ -24,7 +24,6 @@ DIR/scheduler_<device>.png, prints a markdown table on stdout (progress on stder
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -192,7 +191,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
 
     info = common.machine_info(device)
-    info["load_average_start"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    info["load_average_start"] = common.load_average()
     print(f"bench_scheduler: {len(args.batches) * len(args.modes)} points on {info['device_name']} "
           f"(torch {info['torch']}, commit {info['git_commit']}, {torch.get_num_threads()} threads)", file=sys.stderr)
     records = []
@@ -203,7 +202,7 @@ def main(argv=None) -> int:
                 records.append(record)
                 print(f"B={batch} {mode} {record['variant']}: {record['us']:.1f} µs", file=sys.stderr)
     info["elapsed_s"] = round(time.perf_counter() - begin, 1)
-    info["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    info["load_average_end"] = common.load_average()
     info["settings"] = {k: v for k, v in vars(args).items() if k != "out"}
     info["cost_profile"] = {"tokens": bench_cost().tokens, "seconds": bench_cost().seconds}
 
@@ -216,22 +215,10 @@ def main(argv=None) -> int:
             summary[f"meets <= {TARGET_US:g} us at B = {TARGET_BATCH} (best variant)"] = {
                 m: us <= TARGET_US for m, us in best.items()}
 
-    os.makedirs(args.out, exist_ok=True)
-    json_path = os.path.join(args.out, f"scheduler_{device.type}.json")
-    png_path = os.path.join(args.out, f"scheduler_{device.type}.png")
-    with open(json_path, "w") as f:
-        json.dump({"benchmark": "scheduler", "machine": info, "summary": summary, "records": records}, f, indent=1)
-    try:
-        plot(records, info, png_path, device)
-    except Exception as error:  # a plot must not lose the measurements
-        print(f"bench_scheduler: plot failed: {error!r}", file=sys.stderr)
-
-    print(f"### LoadAwareScheduler.plan on {info['device_name']} — torch {info['torch']}, commit "
-          f"{info['git_commit']}, {info['date']}, {torch.get_num_threads()} threads\n")
-    print(table(records))
-    print()
-    print("summary: " + json.dumps(summary))
-    print(f"bench_scheduler: wrote {json_path} and {png_path} in {info['elapsed_s']} s", file=sys.stderr)
+    common.write_results("scheduler", args.out, device, info, summary, records,
+                         lambda path: plot(records, info, path, device),
+                         f"LoadAwareScheduler.plan on {info['device_name']} — torch {info['torch']}, commit "
+                         f"{info['git_commit']}, {info['date']}, {torch.get_num_threads()} threads", table(records))
     return 0
 
 

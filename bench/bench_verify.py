@@ -26,7 +26,6 @@ on stdout (progress goes to stderr).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -441,22 +440,10 @@ def main(argv=None) -> int:
     info["load_average_end"] = common.load_average()
     info["reference_seconds"] = round(refs.spent_s, 1)
     info["settings"] = {k: v for k, v in vars(args).items() if k not in ("shapes", "out")}
-    os.makedirs(args.out, exist_ok=True)
-    json_path = os.path.join(args.out, f"verify_{device.type}.json")
-    png_path = os.path.join(args.out, f"verify_{device.type}.png")
-    with open(json_path, "w") as f:
-        json.dump({"benchmark": "verify", "machine": info, "summary": summary, "records": records}, f, indent=1)
-    try:
-        plot(records, summary, info, png_path, device)
-    except Exception as error:  # a plot must not lose the measurements
-        print(f"bench_verify: plot failed: {error!r}", file=sys.stderr)
-
-    print(f"### verify on {info['device_name']} — torch {info['torch']}, commit {info['git_commit']}, "
-          f"{info['date']}\n")
-    print(table(records))
-    print()
-    print("summary: " + json.dumps(summary))
-    print(f"bench_verify: wrote {json_path} and {png_path} in {info['elapsed_s']} s", file=sys.stderr)
+    common.write_results("verify", args.out, device, info, summary, records,
+                         lambda path: plot(records, summary, info, path, device),
+                         f"verify on {info['device_name']} — torch {info['torch']}, commit {info['git_commit']}, "
+                         f"{info['date']}", table(records))
     return 0
 
 

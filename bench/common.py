@@ -14,13 +14,17 @@ Conventions (DESIGN.md, "Performance targets"):
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 
 import torch
+
+from dspark_ext.scheduler import device_name
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MB = 1 << 20
@@ -31,14 +35,7 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 # --------------------------------------------------------------------------- machine
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return device_name(torch.device("cpu"))
 
 
 def git_commit() -> str | None:
@@ -225,3 +222,24 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def write_results(name: str, out_dir: str, device: torch.device, info: dict, summary: dict, records: list,
+                  plot, title: str, table: str) -> None:
+    """Write ``<name>_<device>.json`` (machine, summary, records) and ``.png`` (``plot(path)``;
+    a failed plot must not lose the measurements) under out_dir, and print the title, the
+    markdown table and the summary line to stdout."""
+    os.makedirs(out_dir, exist_ok=True)
+    json_path = os.path.join(out_dir, f"{name}_{device.type}.json")
+    png_path = os.path.join(out_dir, f"{name}_{device.type}.png")
+    with open(json_path, "w") as f:
+        json.dump({"benchmark": name, "machine": info, "summary": summary, "records": records}, f, indent=1)
+    try:
+        plot(png_path)
+    except Exception as error:  # noqa: BLE001
+        print(f"bench_{name}: plot failed: {error!r}", file=sys.stderr)
+    print(f"### {title}\n")
+    print(table)
+    print()
+    print("summary: " + json.dumps(summary))
+    print(f"bench_{name}: wrote {json_path} and {png_path} in {info['elapsed_s']} s", file=sys.stderr)

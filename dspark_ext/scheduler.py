@@ -33,12 +33,13 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CostProfile", "LoadAwareScheduler", "MODES"]
+__all__ = ["CostProfile", "LoadAwareScheduler", "MODES", "device_name"]
 
 MODES = ("early_stop", "capacity", "fixed")
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU model from /proc/cpuinfo (else the platform's processor name)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     name = platform.processor() or platform.machine()
@@ -196,7 +197,7 @@ class CostProfile:
             medians.append(statistics.median(times))
         metadata = {
             "device": str(device),
-            "device_name": _device_name(device),
+            "device_name": device_name(device),
             "torch_version": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "timer": "cuda_events" if use_events else "perf_counter",
@@ -213,7 +214,7 @@ class CostProfile:
         from the metadata, the device name, torch version and date of saving."""
         record = {
             "device": "cpu",
-            "device_name": _device_name(torch.device("cpu")),
+            "device_name": device_name(torch.device("cpu")),
             "torch_version": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
