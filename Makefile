@@ -1,6 +1,9 @@
-# make demo   — build (if needed) and run the demo on a synthetic batch
-# make test   — build including the CUDA compile, then ctest and pytest
-# Both create .venv and install what they need on a fresh machine.
+# make demo          — build (if needed) and run the demo on a synthetic batch
+# make test          — build including the CUDA compile, then ctest and pytest
+# make emulate       — the CUDA kernels run on the CPU (include/dspark/emulate) under
+#                      AddressSanitizer + UndefinedBehaviorSanitizer: C++ test + pytest
+# make emulate-tsan  — the same under ThreadSanitizer
+# All create .venv and install what they need on a fresh machine.
 #
 # Variables: CPU_ONLY=1 skips the CUDA compile (quick iteration); PYTHON picks the
 # interpreter that creates the venv; MAX_JOBS bounds the compile jobs.
@@ -16,8 +19,9 @@ BUILD_ENV := CUDA_HOME=$(CUDA_HOME) TORCH_CUDA_ARCH_LIST=$(TORCH_CUDA_ARCH_LIST)
 	DSPARK_CPU_ONLY=$(CPU_ONLY)
 SOURCES := $(shell find csrc include -type f) setup.py
 STAMP := $(VENV)/.dspark-build-cpu$(CPU_ONLY)
+COMMA := ,
 
-.PHONY: demo test build venv ctest pytest bench bench-cpu gpu-check clean
+.PHONY: demo test build venv ctest pytest bench bench-cpu gpu-check clean emulate emulate-tsan
 
 demo: $(STAMP)
 	$(PY) -m dspark_ext.demo
@@ -48,6 +52,34 @@ ctest: $(VENV)/.deps
 		> build/cmake.log 2>&1 || (cat build/cmake.log; exit 1)
 	cmake --build build/cmake -j $(MAX_JOBS)
 	ctest --test-dir build/cmake --output-on-failure
+
+# The CUDA emulation: CMake builds build/emulate-<name>/{test_emulate,dspark_emulated.so}
+# with -fsanitize=<sanitizers>; ctest runs the C++ test, then pytest runs the tests marked
+# `emulated` (the CUDA kernels behind torch.ops.dspark on CPU tensors) with the sanitizer
+# runtime preloaded into Python. $(1) name, $(2) sanitizers, $(3) runtime libraries, $(4) options.
+CXX_FOR_SANITIZERS ?= g++
+define run_emulation
+	mkdir -p build
+	CUDA_HOME=$(CUDA_HOME) cmake -S . -B build/emulate-$(1) -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+		-DCMAKE_CXX_COMPILER=$(CXX_FOR_SANITIZERS) -DDSPARK_BUILD_EXTENSION=OFF -DDSPARK_EMULATE=ON \
+		-DDSPARK_SANITIZE=$(2) -DPython3_EXECUTABLE=$(abspath $(PY)) \
+		-DCMAKE_MAKE_PROGRAM=$(abspath $(VENV)/bin/ninja) \
+		-DCMAKE_PREFIX_PATH=$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)') \
+		> build/emulate-$(1).log 2>&1 || (cat build/emulate-$(1).log; exit 1)
+	cmake --build build/emulate-$(1) -j $(MAX_JOBS)
+	ctest --test-dir build/emulate-$(1) --output-on-failure
+	LD_PRELOAD="$(foreach lib,$(3),$$($(CXX_FOR_SANITIZERS) -print-file-name=$(lib)))" $(4) OMP_NUM_THREADS=1 \
+		DSPARK_EMULATED_LIB=$(abspath build/emulate-$(1)/dspark_emulated.so) \
+		$(PY) -m pytest python_tests -q -ra -m emulated -p no:cacheprovider --durations=5
+endef
+
+emulate: $(STAMP)
+	$(call run_emulation,asan,address$(COMMA)undefined,libasan.so libubsan.so,\
+		ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1)
+
+emulate-tsan: $(STAMP)
+	$(call run_emulation,tsan,thread,libtsan.so,\
+		TSAN_OPTIONS=halt_on_error=1:abort_on_error=1:ignore_noninstrumented_modules=1:report_signal_unsafe=0)
 
 pytest: $(STAMP)
 	$(PY) -m pytest python_tests -q -ra --durations=10

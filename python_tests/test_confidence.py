@@ -144,8 +144,15 @@ def test_cuda_graph_and_cpu_agreement(cuda_device):
     torch.testing.assert_close(conf.cpu(), cpu[0], atol=1e-4, rtol=0)
 
 
-def test_cuda_out_of_range_token_gives_nan(cuda_device):
-    args = make_inputs(device=cuda_device)
+def test_out_of_range_token(device, cuda_semantics):
+    """The CPU kernel raises naming the id; a CUDA kernel (no host sync) gives NaN confidence
+    there, and NaN survival from that position on."""
+    args = make_inputs(device=device)
     args[1][2, 3] = -1
-    conf, _ = ops.confidence(*args)
-    assert torch.isnan(conf[2, 3]) and not torch.isnan(conf[0]).any()
+    if not cuda_semantics:
+        with pytest.raises(RuntimeError, match=r"prev_tokens\[2, 3\]"):
+            ops.confidence(*args)
+        return
+    conf, survival = ops.confidence(*args)
+    assert torch.isnan(conf[2, 3]) and not torch.isnan(conf[0]).any() and not torch.isnan(conf[2, :3]).any()
+    assert torch.isnan(survival[2, 3:]).all()

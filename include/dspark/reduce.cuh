@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstring>
 
 #include "dspark/math.h"
 
@@ -31,7 +32,10 @@ __device__ __forceinline__ void load_chunk(const T* row, int64_t chunk, int64_t 
   constexpr int kVec = RowChunks<T>::kVec;
   if (vector_load) {
     const uint4 raw = __ldg(reinterpret_cast<const uint4*>(row) + chunk);
-    const T* values = reinterpret_cast<const T*>(&raw);
+    // The 16 loaded bytes as kVec values of T: a copy, not a T* into `raw`, which would
+    // read a uint4 object through another type (undefined; g++ -O2 then drops the load).
+    T values[kVec];
+    memcpy(static_cast<void*>(values), &raw, sizeof(raw));
 #pragma unroll
     for (int e = 0; e < kVec; ++e) out[e] = to_float(values[e]);
   } else {

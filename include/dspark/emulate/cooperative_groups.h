@@ -63,11 +63,11 @@ class thread_block {
  public:
   void sync() const { ::dspark::emulate::syncthreads(DSPARK_EMULATE_HERE); }
   unsigned long long size() const {
-    const dim3& d = ::dspark::emulate::current_thread->block_dim;
+    const dim3 d = ::dspark::emulate::this_thread().block_dim;
     return static_cast<unsigned long long>(d.x) * d.y * d.z;
   }
   unsigned long long num_threads() const { return size(); }
-  unsigned long long thread_rank() const { return ::dspark::emulate::current_thread->linear; }
+  unsigned long long thread_rank() const { return ::dspark::emulate::this_thread().linear; }
 };
 
 inline thread_block this_thread_block() { return thread_block(); }

@@ -34,10 +34,11 @@
 
 // ---------------------------------------------------------------- keywords
 // cuda_fp16.h's host path defines __device__, __global__, __host__ and __shared__ as
-// nothing. Each block runs on a new OS thread (runtime.h), so a __shared__ variable is a
-// static variable private to the block's thread:
-//  * ThreadSanitizer build: `static thread_local`, new memory for every block, so that
-//    blocks that share nothing on a GPU share nothing here either;
+// nothing. A __shared__ variable is a static variable:
+//  * ThreadSanitizer build: `static thread_local`. Block b runs on block worker b % 2 (an OS
+//    thread, runtime.cpp), so blocks that run one after another never share the memory,
+//    and its accesses from different blocks are not reported as races. It keeps the values
+//    of the worker's previous block (zero at first) instead of garbage;
 //  * otherwise: a static variable in one ELF section, which the runtime fills with garbage
 //    (0xFF bytes: NaN, -1) at the start of every block, like the uninitialised shared memory
 //    of a GPU (blocks run one after another, so each sees the section as its own).
@@ -55,10 +56,10 @@
 #endif
 
 // ---------------------------------------------------------------- built-in variables
-#define threadIdx (::dspark::emulate::current_thread->thread_idx)
-#define blockIdx (::dspark::emulate::current_thread->block_idx)
-#define blockDim (::dspark::emulate::current_thread->block_dim)
-#define gridDim (::dspark::emulate::current_thread->grid_dim)
+#define threadIdx (::dspark::emulate::this_thread().thread_idx)
+#define blockIdx (::dspark::emulate::this_thread().block_idx)
+#define blockDim (::dspark::emulate::this_thread().block_dim)
+#define gridDim (::dspark::emulate::this_thread().grid_dim)
 #define warpSize 32
 
 // ---------------------------------------------------------------- barriers and warp collectives
@@ -77,7 +78,7 @@
 
 namespace dspark::emulate {
 
-inline unsigned lane_bit() { return 1u << current_thread->lane; }
+inline unsigned lane_bit() { return 1u << this_thread().lane; }
 
 inline void check_member(unsigned mask, const char* what, Location where) {
   if ((mask & lane_bit()) == 0u)
@@ -105,7 +106,7 @@ T shuffle(Location where, ShuffleMode mode, unsigned mask, T value, int operand,
     fail(std::string(what) + ": width must be a power of two in [1, 32]", where);
   T all[32];
   warp_exchange(what, mask, &value, sizeof(T), all, /*orders_memory=*/false, where);
-  const int lane = static_cast<int>(current_thread->lane);
+  const int lane = static_cast<int>(this_thread().lane);
   const int segmask = (32 - width) & 31;
   const int clamp = mode == ShuffleMode::kUp ? 0 : 31;
   const int max_lane = (lane & segmask) | (clamp & ~segmask);

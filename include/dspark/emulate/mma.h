@@ -53,7 +53,7 @@ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
       C[q.row][q.col] = all[lane].c[e];
     }
   }
-  const int lane = static_cast<int>(current_thread->lane);
+  const int lane = static_cast<int>(this_thread().lane);
   for (int e = 0; e < 4; ++e) {
     const TilePosition p = mma_c_position(lane, e);
     double sum = C[p.row][p.col];

@@ -48,8 +48,11 @@ struct ThreadInfo {
   unsigned lane;    // linear % 32
 };
 
-// Set by the runtime before each switch to a fiber; null outside a kernel.
-extern thread_local const ThreadInfo* current_thread;
+// The CUDA thread running now, as a copy: kernel code never touches the runtime's memory
+// (for ThreadSanitizer it is the runtime's business). A function, not a thread_local
+// variable read inline: an optimising compiler may keep a thread_local's value across the
+// fiber switches inside a barrier call, which it takes for an ordinary function call.
+ThreadInfo this_thread();
 
 // A kernel that could not run to the end: deadlock, divergent barrier, bad collective,
 // time limit. The message names the kernel and the block.

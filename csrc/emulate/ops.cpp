@@ -1,0 +1,50 @@
+// The CUDA kernels of verify and confidence, run on the CPU by the CUDA emulation
+// (include/dspark/emulate/), as torch.ops.dspark_emulated.{verify,confidence}: the same
+// device path as csrc/cuda/*.cu (csrc/*_launch.h) with CPU tensors standing for device
+// memory. A test-only library (make emulate), never part of the installed package; the
+// tests route torch.ops.dspark.* on CPU tensors to it (python_tests/emulation.py).
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include "dspark/emulate/device.h"
+// (device.h before the kernel headers)
+#include "../confidence_launch.h"
+#include "../verify_launch.h"
+
+namespace dspark {
+namespace {
+
+// Runs a kernel in the emulation; its errors (deadlock, divergent barrier, ...) become
+// RuntimeErrors naming the kernel.
+auto emulated_launch = [](const char* name, auto kernel, dim3 grid, dim3 block, auto... args) {
+  emulate::launch(name, kernel, grid, block, args...);
+};
+
+std::tuple<at::Tensor, at::Tensor> verify_emulated(const at::Tensor& target_logits, const at::Tensor& target_offset,
+                                                   const at::Tensor& draft_tokens,
+                                                   const std::optional<at::Tensor>& draft_logits,
+                                                   const at::Tensor& num_draft, const at::Tensor& temperature,
+                                                   const at::Tensor& seed, const at::Tensor& offset,
+                                                   const std::optional<at::Tensor>& top_k,
+                                                   const std::optional<at::Tensor>& top_p) {
+  TORCH_CHECK(target_logits.device().is_cpu(), "verify (emulated CUDA): tensors must be on the CPU");
+  return run_verify_on_device(target_logits, target_offset, draft_tokens, draft_logits, num_draft, temperature, seed,
+                              offset, top_k, top_p, emulated_launch);
+}
+
+std::tuple<at::Tensor, at::Tensor> confidence_emulated(const at::Tensor& hidden, const at::Tensor& prev_tokens,
+                                                       const std::optional<at::Tensor>& w1, const at::Tensor& weight,
+                                                       const at::Tensor& bias,
+                                                       const std::optional<at::Tensor>& sts_temperature) {
+  TORCH_CHECK(hidden.device().is_cpu(), "confidence (emulated CUDA): tensors must be on the CPU");
+  return run_confidence_on_device(hidden, prev_tokens, w1, weight, bias, sts_temperature, emulated_launch);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(dspark_emulated, m) {
+  m.def("verify", &verify_emulated);
+  m.def("confidence", &confidence_emulated);
+}
+
+}  // namespace dspark

@@ -1,0 +1,82 @@
+// The device path of verify, shared by the CUDA launcher (csrc/cuda/verify.cu) and the
+// CUDA emulation (csrc/emulate/verify.cpp): argument checks, outputs and workspace, the
+// kernel parameters, dtype dispatch and the two launches of include/dspark/verify.cuh.
+// `launch(name, kernel, grid, block, args...)` runs one kernel: <<<grid, block, 0, stream>>>
+// on a GPU, dspark::emulate::launch in the emulation. Include after the kernel's toolchain
+// (CUDA or dspark/emulate/device.h).
+#pragma once
+
+#include "verify_args.h"
+#include "dspark/verify.cuh"
+
+namespace dspark {
+
+template <typename T, typename Launch>
+void launch_verify_kernels(const T* target, const std::optional<at::Tensor>& draft_logits, const VerifyParams& params,
+                           Launch&& launch) {
+  const dim3 row_grid(static_cast<unsigned>(params.batch), static_cast<unsigned>(params.max_draft + 1));
+  const dim3 finish_grid(static_cast<unsigned>(params.batch));
+  const dim3 block(kVerifyThreads);
+  if (draft_logits.has_value()) {
+    const T* draft = reinterpret_cast<const T*>(draft_logits->data_ptr());
+    launch("verify_rows_kernel", verify_rows_kernel<T, true>, row_grid, block, target, draft, params);
+    launch("verify_finish_kernel", verify_finish_kernel<T, true>, finish_grid, block, target, draft, params);
+  } else {
+    launch("verify_rows_kernel", verify_rows_kernel<T, false>, row_grid, block, target, nullptr, params);
+    launch("verify_finish_kernel", verify_finish_kernel<T, false>, finish_grid, block, target, nullptr, params);
+  }
+}
+
+template <typename Launch>
+std::tuple<at::Tensor, at::Tensor> run_verify_on_device(
+    const at::Tensor& target_logits, const at::Tensor& target_offset, const at::Tensor& draft_tokens,
+    const std::optional<at::Tensor>& draft_logits, const at::Tensor& num_draft, const at::Tensor& temperature,
+    const at::Tensor& seed, const at::Tensor& offset, const std::optional<at::Tensor>& top_k,
+    const std::optional<at::Tensor>& top_p, Launch&& launch) {
+  const VerifyShape shape = check_verify_args(target_logits, target_offset, draft_tokens, draft_logits, num_draft,
+                                              temperature, seed, offset, top_k, top_p);
+  TORCH_CHECK(shape.batch < (int64_t{1} << 31), "verify: batch size must be below 2^31");
+  TORCH_CHECK(shape.max_draft + 1 <= 65535, "verify: draft_tokens K must be below 65535 on CUDA");
+  auto out_tokens = at::empty({shape.batch, shape.max_draft + 1}, draft_tokens.options());
+  auto num_accepted = at::empty({shape.batch}, num_draft.options());
+  if (shape.batch == 0) return {out_tokens, num_accepted};
+  // Row statistics passed from the first launch to the second (caching allocator:
+  // no cudaMalloc in steady state, capturable in a CUDA graph).
+  auto workspace = at::empty({shape.batch * (shape.max_draft + 1) * static_cast<int64_t>(sizeof(VerifyRowStats))},
+                             target_logits.options().dtype(at::kByte));
+
+  VerifyParams params;
+  params.target_offset = target_offset.data_ptr<int64_t>();
+  params.draft_tokens = draft_tokens.data_ptr<int64_t>();
+  params.num_draft = num_draft.data_ptr<int32_t>();
+  params.temperature = temperature.data_ptr<float>();
+  params.seed = seed.data_ptr<int64_t>();
+  params.offset = offset.data_ptr<int64_t>();
+  params.top_k = top_k.has_value() ? top_k->data_ptr<int32_t>() : nullptr;
+  params.top_p = top_p.has_value() ? top_p->data_ptr<float>() : nullptr;
+  params.out_tokens = out_tokens.data_ptr<int64_t>();
+  params.num_accepted = num_accepted.data_ptr<int32_t>();
+  params.stats = reinterpret_cast<VerifyRowStats*>(workspace.data_ptr());
+  params.batch = shape.batch;
+  params.max_draft = shape.max_draft;
+  params.vocab = shape.vocab;
+  params.rows = shape.rows;
+  params.target_stride = target_logits.stride(0);
+
+  const void* target = target_logits.data_ptr();
+  switch (target_logits.scalar_type()) {
+    case at::kFloat:
+      launch_verify_kernels(static_cast<const float*>(target), draft_logits, params, launch);
+      break;
+    case at::kBFloat16:
+      launch_verify_kernels(static_cast<const __nv_bfloat16*>(target), draft_logits, params, launch);
+      break;
+    case at::kHalf:
+      launch_verify_kernels(static_cast<const __half*>(target), draft_logits, params, launch);
+      break;
+    default: TORCH_CHECK(false, "verify: unsupported target_logits dtype ", target_logits.scalar_type());
+  }
+  return {out_tokens, num_accepted};
+}
+
+}  // namespace dspark
