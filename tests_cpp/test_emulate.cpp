@@ -10,7 +10,8 @@
 #include "dspark/mma.cuh"
 #include "dspark/reduce.cuh"
 
-#include <cstdarg>
+#include "check.h"
+
 #include <cstdio>
 #include <functional>
 #include <string>
@@ -21,23 +22,7 @@ namespace cg = cooperative_groups;
 
 namespace {
 
-int g_passed = 0;
-int g_failed = 0;
-
-void check(bool ok, const char* name, const char* detail_fmt = "", ...) {
-  if (ok) {
-    ++g_passed;
-    std::printf("PASS  %s\n", name);
-    return;
-  }
-  ++g_failed;
-  char detail[1024];
-  va_list args;
-  va_start(args, detail_fmt);
-  std::vsnprintf(detail, sizeof(detail), detail_fmt, args);
-  va_end(args);
-  std::printf("FAIL  %s: %s\n", name, detail);
-}
+using dspark_test::check;
 
 // The message of the Error a launch throws, or "" if it runs to the end.
 template <typename Launch>
@@ -391,6 +376,5 @@ int main() {
                           [](float x) { return __float2bfloat16(x); });
   test_mma<__half>("emulated mma.sync m16n8k16 f16 -> f32 equals the matrix product",
                    [](float x) { return __float2half(x); });
-  std::printf("\ntest_emulate: %d passed, %d failed\n", g_passed, g_failed);
-  return g_failed == 0 ? 0 : 1;
+  return dspark_test::summary("test_emulate");
 }

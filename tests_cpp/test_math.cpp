@@ -4,13 +4,13 @@
 // Build: c++ -std=c++17 -O2 -I include tests_cpp/test_math.cpp -o test_math
 // (or through CMake / ctest, see CMakeLists.txt). Prints one line per check and a
 // summary; exits 1 if any check fails.
+#include "check.h"
 #include "dspark/math.h"
 
 #include <algorithm>
 #include <cfloat>
 #include <cinttypes>
 #include <cmath>
-#include <cstdarg>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -20,24 +20,7 @@
 
 namespace {
 
-int g_passed = 0;
-int g_failed = 0;
-
-// Records one check. `detail` (printf format) is printed on failure only.
-void check(bool ok, const char* name, const char* detail_fmt = "", ...) {
-  if (ok) {
-    ++g_passed;
-    std::printf("PASS  %s\n", name);
-    return;
-  }
-  ++g_failed;
-  char detail[512];
-  va_list args;
-  va_start(args, detail_fmt);
-  std::vsnprintf(detail, sizeof(detail), detail_fmt, args);
-  va_end(args);
-  std::printf("FAIL  %s: %s\n", name, detail);
-}
+using dspark_test::check;
 
 uint32_t float_bits(float y) {
   uint32_t bits;
@@ -523,6 +506,5 @@ int main() {
   test_sanitize_logit();
   test_ordered_key();
   test_argmax();
-  std::printf("\ntest_math: %d passed, %d failed\n", g_passed, g_failed);
-  return g_failed == 0 ? 0 : 1;
+  return dspark_test::summary("test_math");
 }

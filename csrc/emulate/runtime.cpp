@@ -256,7 +256,6 @@ struct Meeting {
   unsigned mask;  // warp collectives: the member lanes
   Location where;
   std::size_t bytes;
-  bool orders_memory;
   unsigned arrived_lanes = 0;
   int arrived = 0;
   int leaving = 0;  // participants that have not left yet; the last one recycles it
@@ -282,7 +281,7 @@ struct Block {
   std::vector<std::vector<Meeting*>> free_meetings;  // per pool
 
   Meeting* new_meeting(unsigned pool, const char* what, unsigned mask, Location where, std::size_t bytes,
-                       bool orders_memory, int participants);
+                       int participants);
 
   void leave(Meeting* m);
 };
@@ -333,7 +332,7 @@ void copy_bytes(void* to, const void* from, std::size_t bytes) {
 }
 
 Meeting* Block::new_meeting(unsigned pool, const char* what, unsigned mask, Location where, std::size_t bytes,
-                     bool orders_memory, int participants) {
+                     int participants) {
   std::vector<Meeting*>& free = free_meetings[pool];  // sized by the launcher
   if (free.empty()) {
     const TsanIgnore ignore;
@@ -348,7 +347,6 @@ Meeting* Block::new_meeting(unsigned pool, const char* what, unsigned mask, Loca
   m->mask = mask;
   m->where = where;
   m->bytes = bytes;
-  m->orders_memory = orders_memory;
   m->arrived_lanes = 0;
   m->arrived = 0;
   m->leaving = participants;
@@ -707,7 +705,8 @@ void syncthreads(Location where) {
   Block& block = *tls_block;
   Fiber& self = *tls_fiber;
   if (!block.barrier) {
-    block.barrier = block.new_meeting(static_cast<unsigned>(block.warp_meetings.size()), "__syncthreads", 0, where, 0, true, static_cast<int>(block.num_threads));
+    block.barrier = block.new_meeting(static_cast<unsigned>(block.warp_meetings.size()), "__syncthreads", 0, where, 0,
+                                      static_cast<int>(block.num_threads));
   } else if (!same_location(block.barrier->where, where)) {
     DSPARK_FAIL_HERE("__syncthreads at " + where_string(where) + " while other threads of the block wait at __syncthreads at " +
               where_string(block.barrier->where) + " (divergent barrier)");
@@ -748,7 +747,7 @@ void warp_exchange(const char* what, unsigned mask, const void* mine, std::size_
     meeting = m;
   }
   if (!meeting) {
-    meeting = block.new_meeting(warp, what, mask, where, bytes, orders_memory, __builtin_popcount(mask));
+    meeting = block.new_meeting(warp, what, mask, where, bytes, __builtin_popcount(mask));
     open.push_back(meeting);
   }
   if (meeting->arrived_lanes & (1u << lane)) DSPARK_FAIL_HERE(std::string(what) + ": lane arrived twice");

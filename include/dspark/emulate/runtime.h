@@ -4,7 +4,7 @@
 // calls of these functions.
 //
 // Model:
-//  * Blocks run one after another on the calling OS thread. Inside a block every CUDA thread
+//  * Blocks run one after another, on block-worker OS threads. Inside a block every CUDA thread
 //    is a fiber (its own stack); a fiber runs until it reaches a barrier or a warp collective
 //    that not all its participants have reached, then the next runnable fiber runs. So a
 //    barrier or shuffle has its real meaning: nobody passes it until everybody it waits for
