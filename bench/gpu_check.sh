@@ -9,10 +9,12 @@
 #   tests-cuda  pytest -m cuda                                       -> tests.log
 #   tests-all   the whole suite but the slow tests
 #   memcheck    compute-sanitizer on bench/sanitize_verify.py        -> sanitizer.log
+#               (verify and markov_draft cases)
 #   racecheck   (SKIP with the reason where the sanitizer is absent or refused)
 #   bench       bench/bench_verify.py --device cuda --quick          -> bench.log,
 #               verify_cuda.json, verify_cuda.png
-#   bench-more  bench/bench_confidence.py --quick, bench/bench_scheduler.py -> bench.log
+#   bench-more  bench/bench_markov.py --quick --no-compile, bench/bench_confidence.py --quick,
+#               bench/bench_scheduler.py                             -> bench.log
 # Output folder: $OUT if set, else ./gpu_check_out (at most 7 files, none nested).
 # Every step has a time limit, shortened as needed so that the whole check ends within
 # DSPARK_GPU_CHECK_BUDGET seconds (default 470), with time kept back for the bench.
@@ -243,20 +245,22 @@ else
 fi
 
 # ---------------------------------------------------------------- (f) other benches
-# confidence and scheduler: their tables go to bench.log (JSON/PNG stay in a scratch
+# markov_draft, confidence and scheduler: their tables go to bench.log (JSON/PNG stay in a scratch
 # folder: the device returns at most 8 files).
 step_start=$SECONDS
 if (( ! HAVE_GPU )); then record SKIP bench-more 0 "no GPU"
 else
-    t=$(limit 90 0)
+    t=$(limit 150 0)
     scratch=$(mktemp -d)
     rc=0
-    for script in bench_confidence.py bench_scheduler.py; do
+    for script in bench_markov.py bench_confidence.py bench_scheduler.py; do
         section "$BENCH_LOG" "$script"
-        extra=""; [[ $script == bench_confidence.py ]] && extra="--quick"
+        extra=""
+        [[ $script == bench_confidence.py ]] && extra="--quick"
+        [[ $script == bench_markov.py ]] && extra="--quick --no-compile"
         timeout "$t" "$PY" "bench/$script" --device cuda $extra --out "$scratch" >>"$BENCH_LOG" 2>&1 || rc=$?
     done
-    if (( rc == 0 )); then record PASS bench-more $(( SECONDS - step_start )) "confidence + scheduler tables in bench.log"
+    if (( rc == 0 )); then record PASS bench-more $(( SECONDS - step_start )) "markov_draft + confidence + scheduler tables in bench.log"
     else record FAIL bench-more $(( SECONDS - step_start )) "rc $rc: $(tail -n 1 "$BENCH_LOG" | cut -c1-200)"; fi
 fi
 

@@ -1,5 +1,5 @@
-"""Small verify workload for compute-sanitizer (memcheck, racecheck); bench/gpu_check.sh
-runs it as
+"""Small verify and markov_draft workload for compute-sanitizer (memcheck, racecheck);
+bench/gpu_check.sh runs it as
     compute-sanitizer --tool memcheck python bench/sanitize_verify.py
 
 Every case builds its inputs on the host and copies them to the device, so that
@@ -9,7 +9,11 @@ temperatures, a ragged layout with num_draft = 0, odd vocabularies (rows not 16-
 aligned), a row view that starts one element in, NaN/inf logits, one V = 151936 case, and
 out-of-range arguments (which the CUDA kernel must flag with num_accepted = -1 without
 touching memory out of bounds). Each result is compared with dspark_ext.reference.verify
-on the CPU; a difference is printed as MISMATCH (exit status 1 only with --strict: the
+on the CPU. markov_draft cases: full mode on tensor cores (r = 256, bf16, odd Vd), the
+SIMT path (fp32 weights, r = 48), candidate mode, d2t, and an out-of-range anchor and d2t
+entries (-1 tokens, nothing read out of bounds); tokens are compared with
+reference.markov_draft (agreement printed; the CUDA GEMM may round differently). A
+difference is printed as MISMATCH (exit status 1 only with --strict: the
 tests, not this script, judge correctness). The last line is "SANITIZE DONE" when every
 case ran.
 """
@@ -100,6 +104,30 @@ def cases(large: bool):
         yield "fp32 V=151936 plain", build(2, 4, 151936, torch.float32), False
 
 
+def markov_build(batch, steps, vocab, rank, dtype, wdtype=None, target_vocab=None, seed=0):
+    """Host-side markov_draft arguments: U, anchor, w1, w2, temperature, seed, offset, d2t."""
+    gen = torch.Generator().manual_seed(seed)
+    vt = target_vocab or vocab
+    u = (2 * torch.randn(batch, steps, vocab, generator=gen)).to(dtype)
+    w1 = (torch.randn(vt, rank, generator=gen) * 0.2).to(wdtype or dtype)
+    w2 = torch.randn(vocab, rank, generator=gen).to(wdtype or dtype)
+    temperature = torch.where(torch.arange(batch) % 3 == 0, 0.0, 0.9)
+    d2t = None if target_vocab is None else torch.randperm(vt, generator=gen)[:vocab].contiguous()
+    return [u, torch.randint(0, vt, (batch,), generator=gen), w1, w2, temperature,
+            torch.randint(0, 2**62, (batch,), generator=gen), torch.arange(batch, dtype=torch.int64), d2t]
+
+
+def markov_cases():
+    yield "bf16 r=256 Vd=1001 B=20", markov_build(20, 4, 1001, 256, torch.bfloat16), None
+    yield "fp16 r=64 Vd=4099 B=3 d2t", markov_build(3, 3, 4099, 64, torch.float16, target_vocab=5000), None
+    yield "fp32 U, fp32 W r=48 (SIMT)", markov_build(5, 3, 777, 48, torch.float32), None
+    yield "bf16 candidates c=16", markov_build(6, 4, 3000, 128, torch.bfloat16), 16
+    bad = markov_build(4, 3, 500, 64, torch.bfloat16, target_vocab=600)
+    bad[1][1] = 10**9  # anchor out of range
+    bad[7][::2] = -5  # half of d2t out of range
+    yield "out-of-range anchor and d2t", bad, None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
@@ -139,6 +167,24 @@ def main() -> int:
               + ("" if same else f" (reference {ref_accepted.tolist()}, tokens {out_tokens.tolist()} vs "
                                  f"{ref_tokens.tolist()})"))
         failures += not same
+    if not aborted:
+        for name, host_args, num_candidates in markov_cases():
+            try:
+                tokens, _ = torch.ops.dspark.markov_draft(*to_device(host_args, device), num_candidates)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+            except RuntimeError as error:
+                print(f"ERROR markov {name}: {str(error).splitlines()[0]}")
+                failures += 1
+                aborted = "CUDA" in str(error) or "cuda" in str(error)
+                if aborted:
+                    break
+                continue
+            ref_tokens, _ = reference.markov_draft(*host_args, num_candidates=num_candidates)
+            agree = float((tokens.cpu() == ref_tokens).double().mean())
+            status = "ok   " if agree >= 0.9 else "MISMATCH"
+            print(f"{status} markov {name}: token agreement with the reference {agree:.3f}")
+            failures += status != "ok   "
     print(f"SANITIZE {'ABORTED' if aborted else 'DONE'}: {failures} case(s) with an error or a mismatch")
     return 1 if failures and args.strict else 0
 

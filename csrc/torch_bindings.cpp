@@ -20,11 +20,12 @@ TORCH_LIBRARY(dspark, m) {
       "Tensor offset, Tensor? top_k, Tensor? top_p) -> (Tensor out_tokens, Tensor num_accepted)");
   m.def(
       "markov_draft(Tensor backbone_logits, Tensor anchor, Tensor w1, Tensor w2, "
-      "Tensor temperature, Tensor seed, Tensor offset, Tensor? d2t) "
+      "Tensor temperature, Tensor seed, Tensor offset, Tensor? d2t, int? num_candidates=None) "
       "-> (Tensor draft_tokens, Tensor draft_logits)");
   m.def(
       "markov_draft_(Tensor(a!) backbone_logits, Tensor anchor, Tensor w1, Tensor w2, "
-      "Tensor temperature, Tensor seed, Tensor offset, Tensor? d2t) -> Tensor draft_tokens");
+      "Tensor temperature, Tensor seed, Tensor offset, Tensor? d2t, int? num_candidates=None) "
+      "-> Tensor draft_tokens");
   m.def(
       "confidence(Tensor hidden, Tensor prev_tokens, Tensor? w1, Tensor weight, Tensor bias, "
       "Tensor? sts_temperature) -> (Tensor conf, Tensor survival)");

@@ -81,42 +81,51 @@ def _verify_fake(target_logits, target_offset, draft_tokens, draft_logits, num_d
 # --------------------------------------------------------------------------- markov_draft
 def markov_draft(backbone_logits: torch.Tensor, anchor: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
                  temperature: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor,
-                 d2t: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 d2t: torch.Tensor | None = None, num_candidates: int | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused low-rank Markov correction and sampling of K draft steps.
 
     Args:
         backbone_logits: [B, K, Vd] U (float32/bfloat16/float16).
         anchor: [B] int64, last committed token (target vocabulary).
-        w1: [Vt, r]; w2: [Vd, r].
+        w1: [Vt, r]; w2: [Vd, r] (contiguous), both float32/bfloat16/float16, same dtype.
         temperature: [B] float32 (<= 0 greedy); seed, offset: [B] int64.
-        d2t: [Vd] int64 draft-to-target map or None (identity).
+        d2t: [Vd] int64 draft-to-target map or None (identity, Vd == Vt).
+        num_candidates: None (full vocabulary) or c >= 1: each step corrects and samples
+            only the top-c entries of U_k (chosen once, before the loop); z is -inf
+            elsewhere.
 
     Returns:
         draft_tokens [B, K] int64 (target vocabulary) and draft_logits [B, K, Vd], the
-        corrected logits z in U's dtype, exactly the distribution the drafts came from.
+        corrected logits z in U's dtype, exactly the distribution the drafts came from:
+        pass them to ``verify`` as draft_logits (through d2t when Vd != Vt).
 
-    The kernels of this op come with a later issue; ``dspark_ext.reference.markov_draft``
-    is its specification.
+    Step k: z_k = U_k + W2 @ W1[x_{k-1}] (x_{-1} = anchor), then a sample of
+    softmax(z_k / T) (argmax when T <= 0) with Philox stream 0 at position k.
+    ``dspark_ext.reference.markov_draft`` is the specification.
     """
-    return torch.ops.dspark.markov_draft(backbone_logits, anchor, w1, w2, temperature, seed, offset, d2t)
+    return torch.ops.dspark.markov_draft(backbone_logits, anchor, w1, w2, temperature, seed, offset, d2t,
+                                         num_candidates)
 
 
 def markov_draft_(backbone_logits: torch.Tensor, anchor: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
                   temperature: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor,
-                  d2t: torch.Tensor | None = None) -> torch.Tensor:
+                  d2t: torch.Tensor | None = None, num_candidates: int | None = None) -> torch.Tensor:
     """In-place ``markov_draft``: writes z over backbone_logits, returns draft_tokens [B, K]."""
-    return torch.ops.dspark.markov_draft_(backbone_logits, anchor, w1, w2, temperature, seed, offset, d2t)
+    return torch.ops.dspark.markov_draft_(backbone_logits, anchor, w1, w2, temperature, seed, offset, d2t,
+                                          num_candidates)
 
 
 @torch.library.register_fake("dspark::markov_draft")
-def _markov_draft_fake(backbone_logits, anchor, w1, w2, temperature, seed, offset, d2t):
+def _markov_draft_fake(backbone_logits, anchor, w1, w2, temperature, seed, offset, d2t, num_candidates=None):
     torch._check(backbone_logits.dim() == 3, lambda: "markov_draft: backbone_logits must be [B, K, Vd]")
     batch, steps, _ = backbone_logits.shape
     return anchor.new_empty((batch, steps)), torch.empty_like(backbone_logits)
 
 
 @torch.library.register_fake("dspark::markov_draft_")
-def _markov_draft_inplace_fake(backbone_logits, anchor, w1, w2, temperature, seed, offset, d2t):
+def _markov_draft_inplace_fake(backbone_logits, anchor, w1, w2, temperature, seed, offset, d2t,
+                               num_candidates=None):
     torch._check(backbone_logits.dim() == 3, lambda: "markov_draft_: backbone_logits must be [B, K, Vd]")
     batch, steps, _ = backbone_logits.shape
     return anchor.new_empty((batch, steps))

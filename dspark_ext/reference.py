@@ -35,6 +35,8 @@ __all__ = [
     "check_verify_values",
     "verify",
     "markov_draft",
+    "select_candidates",
+    "draft_choice",
     "confidence",
 ]
 
@@ -356,9 +358,39 @@ def verify(target_logits: torch.Tensor, target_offset: torch.Tensor, draft_token
 
 
 # --------------------------------------------------------------------------- markov_draft
+def select_candidates(backbone_logits: torch.Tensor, num_candidates: int) -> torch.Tensor:
+    """Candidate mask [B, K, Vd] of markov_draft's candidate mode: per (request, position)
+    the ``num_candidates`` largest entries of sanitize(U_k), ties to the smaller index (all
+    entries when num_candidates >= Vd)."""
+    y = sanitize(backbone_logits)
+    draft_vocab = y.shape[-1]
+    if num_candidates >= draft_vocab:
+        return torch.ones_like(y, dtype=torch.bool)
+    # A stable descending sort keeps tied entries in index order.
+    order = torch.sort(y, dim=-1, descending=True, stable=True).indices[..., :num_candidates]
+    mask = torch.zeros_like(y, dtype=torch.bool)
+    return mask.scatter_(-1, order, True)
+
+
+def draft_choice(z: torch.Tensor, temperature: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor,
+                 step: int) -> torch.Tensor:
+    """The draft id markov_draft's step ``step`` draws from the stored logits z [B, Vd]:
+    argmax of sanitize(z) if T <= 0, else the race argmax_v ((y_v - max y) / T - log E_v)
+    with Philox stream 0 at position ``step``; -1 where no entry is finite."""
+    y = sanitize(z)
+    greedy = ~(temperature > 0)
+    finite = y > -float("inf")
+    scaled = relative_logits(y, finite, torch.where(greedy, torch.ones_like(temperature),
+                                                    sanitize_temperature(temperature)))
+    words = random_words(seed, STREAM_DRAFT, step, offset, y.shape[1])
+    keys = torch.where(greedy.unsqueeze(1), y, scaled - torch.log(exponential(words)))
+    return _argmax_or_none(keys, finite)
+
+
 def markov_draft(backbone_logits: torch.Tensor, anchor: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
                  temperature: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor,
-                 d2t: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 d2t: torch.Tensor | None = None, num_candidates: int | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Low-rank Markov correction and sampling (the spec of ``torch.ops.dspark.markov_draft``).
 
     Args:
@@ -368,6 +400,7 @@ def markov_draft(backbone_logits: torch.Tensor, anchor: torch.Tensor, w1: torch.
         w2: [Vd, r] (nn.Linear(r, Vd).weight layout).
         temperature, seed, offset: [B] float32 / int64 / int64.
         d2t: [Vd] int64 draft-to-target id map, or None for the identity (Vd == Vt).
+        num_candidates: None for the full vocabulary, or c >= 1: candidate mode.
 
     Returns:
         draft_tokens [B, K] int64 (target vocabulary) and draft_logits [B, K, Vd] (dtype of U).
@@ -376,35 +409,47 @@ def markov_draft(backbone_logits: torch.Tensor, anchor: torch.Tensor, w1: torch.
     x_{-1} = anchor. The token is drawn from the stored z_k: greedy argmax if T <= 0, else
     the race argmax_v ((z_v - max z) / T - log E_v) with stream 0 at position k over the draft
     vocabulary, then mapped through d2t. A step with no mass emits -1; every later step of
-    that request emits -1 too and stores U uncorrected.
+    that request emits -1 too and stores U uncorrected. Ids outside [0, Vt) (an anchor, or a
+    d2t entry of a chosen token) make the request emit -1 from that step on the same way:
+    the CPU kernel raises for them instead, the CUDA kernel (which cannot raise without a
+    host synchronisation) follows this rule.
+
+    Candidate mode (num_candidates = c): before the loop, the top-c entries of each
+    sanitize(U_k) are chosen (ties to the smaller index, see ``select_candidates``); z_k is
+    computed as above on them and is -inf everywhere else, so the race runs over the
+    candidates only. c >= Vd is the full mode.
     """
     if backbone_logits.dim() != 3:
         raise ValueError(f"backbone_logits must be [B, K, Vd], got {tuple(backbone_logits.shape)}")
+    if num_candidates is not None and num_candidates < 1:
+        raise ValueError(f"num_candidates must be >= 1 (or None), got {num_candidates}")
     batch, steps, draft_vocab = backbone_logits.shape
     target_vocab = w1.shape[0]
     if w2.shape[0] != draft_vocab or w2.shape[1] != w1.shape[1]:
         raise ValueError(f"w2 must be [{draft_vocab}, {w1.shape[1]}], got {tuple(w2.shape)}")
+    if d2t is None and draft_vocab != target_vocab:
+        raise ValueError(f"without d2t the draft vocabulary ({draft_vocab}) must be the target vocabulary "
+                         f"({target_vocab})")
     device = backbone_logits.device
+    candidates = None if num_candidates is None else select_candidates(backbone_logits, num_candidates)
     tokens = torch.full((batch, steps), -1, dtype=torch.int64, device=device)
     z_all = torch.empty_like(backbone_logits)
     prev = anchor.to(torch.int64).clone()
-    alive = torch.ones(batch, dtype=torch.bool, device=device)
+    alive = (prev >= 0) & (prev < target_vocab)
     for k in range(steps):
         safe_prev = prev.clamp(0, target_vocab - 1)
-        correction = w1[safe_prev].float() @ w2.float().t()  # [B, Vd]
+        # W2 @ W1[x]^T as one [Vd, r] x [r, B] float32 product (the CPU kernel makes the same call).
+        correction = (w2.float() @ w1[safe_prev].float().t()).t()  # [B, Vd]
         correction = torch.where(alive.unsqueeze(1), correction, torch.zeros_like(correction))
-        z = (backbone_logits[:, k].float() + correction).to(backbone_logits.dtype)
+        z = backbone_logits[:, k].float() + correction
+        if candidates is not None:
+            z = torch.where(candidates[:, k], z, torch.full_like(z, -float("inf")))
+        z = z.to(backbone_logits.dtype)
         z_all[:, k] = z
-        y = sanitize(z)
-        greedy = ~(temperature > 0)
-        finite = y > -float("inf")
-        scaled = relative_logits(y, finite, torch.where(greedy, torch.ones_like(temperature),
-                                                        sanitize_temperature(temperature)))
-        words = random_words(seed, STREAM_DRAFT, k, offset, draft_vocab)
-        keys = torch.where(greedy.unsqueeze(1), y, scaled - torch.log(exponential(words)))
-        choice = _argmax_or_none(keys, y > -float("inf"))
+        choice = draft_choice(z, temperature, seed, offset, k)
         mapped = choice if d2t is None else torch.where(choice >= 0, d2t[choice.clamp(min=0)], choice)
-        mapped = torch.where(alive, mapped, torch.full_like(mapped, -1))
+        valid = alive & (mapped >= 0) & (mapped < target_vocab)
+        mapped = torch.where(valid, mapped, torch.full_like(mapped, -1))
         tokens[:, k] = mapped
         alive = alive & (mapped >= 0)
         prev = mapped

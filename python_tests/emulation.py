@@ -1,6 +1,6 @@
 """The CUDA emulation in the tests: the library `make emulate` builds
 (build/emulate-*/dspark_emulated.so, named by DSPARK_EMULATED_LIB) holds the CUDA kernels
-of verify and confidence compiled as host C++ (include/dspark/emulate), registered as
+of verify, confidence and markov_draft compiled as host C++ (include/dspark/emulate), registered as
 torch.ops.dspark_emulated.*. While `kernels_on_cpu()` is active, torch.ops.dspark.* on CPU
 tensors run those CUDA kernels instead of the CPU ones, so a test written for a device runs
 unchanged against the CUDA code, with CPU tensors standing for device memory.
@@ -13,7 +13,7 @@ import os
 
 import torch
 
-OPS = ("verify", "confidence")
+OPS = ("verify", "confidence", "markov_draft", "markov_draft_")
 
 
 def _load() -> str | None:
@@ -43,14 +43,14 @@ def size(full: int, emulated: int) -> int:
 
 @contextlib.contextmanager
 def kernels_on_cpu():
-    """Routes torch.ops.dspark.{verify,confidence} on CPU tensors to the emulated CUDA kernels."""
+    """Routes torch.ops.dspark.{verify,confidence,markov_draft,markov_draft_} on CPU tensors to the emulated CUDA kernels."""
     global _active
     if not LOADED:
         raise RuntimeError(SKIP_REASON)
     library = torch.library.Library("dspark", "IMPL")
     for name in OPS:
         emulated = getattr(torch.ops.dspark_emulated, name)
-        library.impl(name, lambda *args, op=emulated: op(*args), "CPU")
+        library.impl(name, lambda *args, op=emulated, **kwargs: op(*args, **kwargs), "CPU")
     _active = True
     try:
         yield

@@ -232,6 +232,14 @@ void test_exponential() {
                 words.size(), worst, worst_x);
   check(bad == 0, name, "%d words out of tolerance", bad);
 
+  // kMaxRaceBonus bounds -log E (the race's pruning relies on it): the smallest E is at
+  // the largest word; check that word and every word of the sample.
+  float bonus = -std::log(dspark::exponential_from_bits(0xffffffffu));
+  for (uint32_t x : words) bonus = std::max(bonus, dspark::race_key_log(0.f, x));
+  check(bonus < dspark::kMaxRaceBonus && bonus > dspark::kMaxRaceBonus - 0.5f,
+        "race_key_log(0, x) <= kMaxRaceBonus for all sampled words, and the bound is tight", "max %.9g, bound %.9g",
+        static_cast<double>(bonus), static_cast<double>(dspark::kMaxRaceBonus));
+
   // Range claimed by the spec: E is never 0 and never inf.
   const float e_max = dspark::exponential_from_bits(0u);
   const float e_min = dspark::exponential_from_bits(0xffffffffu);

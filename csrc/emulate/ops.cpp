@@ -1,6 +1,5 @@
-// The CUDA kernels of verify and confidence, run on the CPU by the CUDA emulation
-// (include/dspark/emulate/), as torch.ops.dspark_emulated.{verify,confidence}: the same
-// device path as csrc/cuda/*.cu (csrc/*_launch.h) with CPU tensors standing for device
+// The CUDA kernels of verify, confidence and markov_draft, run on the CPU by the CUDA
+// emulation (include/dspark/emulate/), as torch.ops.dspark_emulated.*: the same device path as csrc/cuda/*.cu (csrc/*_launch.h) with CPU tensors standing for device
 // memory. A test-only library (make emulate), never part of the installed package; the
 // tests route torch.ops.dspark.* on CPU tensors to it (python_tests/emulation.py).
 #include <torch/library.h>
@@ -9,6 +8,7 @@
 #include "dspark/emulate/device.h"
 // (device.h before the kernel headers)
 #include "../confidence_launch.h"
+#include "../markov_launch.h"
 #include "../verify_launch.h"
 
 namespace dspark {
@@ -40,11 +40,39 @@ std::tuple<at::Tensor, at::Tensor> confidence_emulated(const at::Tensor& hidden,
   return run_confidence_on_device(hidden, prev_tokens, w1, weight, bias, sts_temperature, emulated_launch);
 }
 
+std::tuple<at::Tensor, at::Tensor> markov_draft_emulated(const at::Tensor& backbone_logits, const at::Tensor& anchor,
+                                                         const at::Tensor& w1, const at::Tensor& w2,
+                                                         const at::Tensor& temperature, const at::Tensor& seed,
+                                                         const at::Tensor& offset,
+                                                         const std::optional<at::Tensor>& d2t,
+                                                         std::optional<int64_t> num_candidates) {
+  TORCH_CHECK(backbone_logits.device().is_cpu(), "markov_draft (emulated CUDA): tensors must be on the CPU");
+  at::Tensor z = at::empty_like(backbone_logits, at::MemoryFormat::Contiguous);
+  at::Tensor tokens = run_markov_on_device("markov_draft", backbone_logits, z, anchor, w1, w2, temperature, seed,
+                                           offset, d2t, num_candidates, emulated_launch);
+  return {tokens, z};
+}
+
+at::Tensor markov_draft_inplace_emulated(at::Tensor backbone_logits, const at::Tensor& anchor, const at::Tensor& w1,
+                                         const at::Tensor& w2, const at::Tensor& temperature, const at::Tensor& seed,
+                                         const at::Tensor& offset, const std::optional<at::Tensor>& d2t,
+                                         std::optional<int64_t> num_candidates) {
+  TORCH_CHECK(backbone_logits.device().is_cpu(), "markov_draft_ (emulated CUDA): tensors must be on the CPU");
+  return run_markov_on_device("markov_draft_", backbone_logits, backbone_logits, anchor, w1, w2, temperature, seed,
+                              offset, d2t, num_candidates, emulated_launch);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(dspark_emulated, m) {
   m.def("verify", &verify_emulated);
   m.def("confidence", &confidence_emulated);
+  m.def("markov_draft(Tensor backbone_logits, Tensor anchor, Tensor w1, Tensor w2, Tensor temperature, "
+        "Tensor seed, Tensor offset, Tensor? d2t, int? num_candidates=None) -> (Tensor, Tensor)",
+        &markov_draft_emulated);
+  m.def("markov_draft_(Tensor(a!) backbone_logits, Tensor anchor, Tensor w1, Tensor w2, Tensor temperature, "
+        "Tensor seed, Tensor offset, Tensor? d2t, int? num_candidates=None) -> Tensor",
+        &markov_draft_inplace_emulated);
 }
 
 }  // namespace dspark

@@ -138,6 +138,11 @@ DSPARK_HOST_DEVICE float race_key_log(float scaled_logit, uint32_t x) {
   return scaled_logit - logf(exponential_from_bits(x));
 }
 
+// Upper bound of -log(E) over all 32-bit words (E >= 1.16e-10, so -log E <= 22.88), with a
+// margin for rounding: a race key never exceeds the scaled logit by more than this, which
+// lets a race skip elements that trail the leader by more (tests_cpp/test_math.cpp checks it).
+constexpr float kMaxRaceBonus = 23.0f;
+
 // Key of the race in probability space: argmax_v (r_v / E_v) is a sample of r / sum(r).
 // Used for the residual max(0, p_t - p_d), which is not a softmax of logits.
 DSPARK_HOST_DEVICE float race_key_prob(float weight, uint32_t x) {
