@@ -52,8 +52,11 @@ def make_extension():
                                           extra_compile_args={"cxx": cxx_flags})
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
     cutlass = cutlass_include_dir()
-    if cutlass:
-        include_dirs.append(cutlass)
+    if not cutlass:
+        raise RuntimeError("dspark_ext: the CUDA build needs the CUTLASS/CuTe headers (markov_draft's tensor-core "
+                           "tiles): pip install nvidia-cutlass, or set DSPARK_CUTLASS_DIR to CUTLASS's include dir; "
+                           "DSPARK_CPU_ONLY=1 builds the CPU-only extension")
+    include_dirs.append(cutlass)
     nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr",
                   "-DDSPARK_WITH_CUDA"]  # no --use_fast_math: sampling needs IEEE math
     print(f"dspark_ext: building the CUDA extension ({reason}; arch {os.environ['TORCH_CUDA_ARCH_LIST']};"

@@ -120,7 +120,7 @@ else
             || echo "(wheel install failed; going on without)" >>"$BUILD_LOG"
     fi
     "$PY" -c 'import cutlass_library' >/dev/null 2>&1 \
-        || echo "--- nvidia-cutlass not installed: fine for verify, which does not use CUTLASS" >>"$BUILD_LOG"
+        || echo "--- nvidia-cutlass not installed: the CUDA build needs its CuTe headers (carry the wheel in .whl/, or set DSPARK_CUTLASS_DIR)" >>"$BUILD_LOG"
     export MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
     # ptxas -v: registers, shared memory and spills of every kernel, in the log.
     export NVCC_APPEND_FLAGS=${NVCC_APPEND_FLAGS:--Xptxas=-v}

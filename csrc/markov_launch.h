@@ -4,6 +4,8 @@
 // grid, block, args...)` runs one kernel (see verify_launch.h).
 #pragma once
 
+#include <algorithm>
+
 #include "markov_args.h"
 #include "dspark/markov.cuh"
 
@@ -26,7 +28,7 @@ void launch_markov_kernels(MarkovParams<T, W> params, bool use_mma, Launch&& lau
            dim3(kMarkovThreads), params);
     return;
   }
-  const dim3 tile_grid(static_cast<unsigned>(params.tiles));
+  const dim3 tile_grid(static_cast<unsigned>(params.slots));
   const dim3 pick_grid(static_cast<unsigned>((params.batch + kMarkovThreads / 32 - 1) / (kMarkovThreads / 32)));
   for (int64_t k = 0; k < params.steps; ++k) {
     params.step = k;
@@ -43,27 +45,31 @@ void launch_markov_kernels(MarkovParams<T, W> params, bool use_mma, Launch&& lau
 }
 
 // Writes z into `z` (which may be backbone_logits: the in-place variant) and returns the
-// tokens. Ids out of range (anchor, d2t entries) make the request emit -1 from that step
+// tokens. `max_tile_blocks` bounds the tile kernel's grid (a few waves of the GPU's SMs);
+// below it every tile gets its own block. Ids out of range (anchor, d2t entries) make the request emit -1 from that step
 // on, as reference.markov_draft specifies: the kernels cannot raise without a host sync.
 template <typename Launch>
 at::Tensor run_markov_on_device(const char* op, const at::Tensor& backbone_logits, at::Tensor& z,
                                 const at::Tensor& anchor, const at::Tensor& w1, const at::Tensor& w2,
                                 const at::Tensor& temperature, const at::Tensor& seed, const at::Tensor& offset,
                                 const std::optional<at::Tensor>& d2t, std::optional<int64_t> num_candidates,
-                                Launch&& launch) {
+                                int64_t max_tile_blocks, Launch&& launch) {
   const MarkovShape shape =
       check_markov_args(op, backbone_logits, anchor, w1, w2, temperature, seed, offset, d2t, num_candidates);
   TORCH_CHECK(shape.batch < (int64_t{1} << 31), op, ": batch size must be below 2^31");
   auto tokens = at::empty({shape.batch, shape.steps}, anchor.options());
   if (shape.batch == 0 || shape.steps == 0) return tokens;
   const int64_t tiles = (shape.draft_vocab + kMarkovTileV - 1) / kMarkovTileV;
-  TORCH_CHECK(shape.candidates > 0 || shape.batch * tiles < (int64_t{1} << 40), op, ": B x Vd is too large");
+  // Blocks keep their requests' leaders in shared memory across tiles up to
+  // kMarkovMaxResident requests; beyond, one block per tile writes them out.
+  const int64_t slots = shape.batch <= kMarkovMaxResident ? std::min(tiles, std::max<int64_t>(max_tile_blocks, 1))
+                                                          : tiles;
   TORCH_CHECK(shape.candidates == 0 || shape.batch * shape.steps < (int64_t{1} << 31), op,
               ": B x K must be below 2^31 in candidate mode");
 
   // Workspace from the caching allocator (no cudaMalloc in steady state; graph-capturable).
   const auto bytes = backbone_logits.options().dtype(at::kByte);
-  const int64_t leader_bytes = shape.candidates > 0 ? 0 : shape.batch * tiles * int64_t{sizeof(MarkovBest)};
+  const int64_t leader_bytes = shape.candidates > 0 ? 0 : shape.batch * slots * int64_t{sizeof(MarkovBest)};
   const int64_t cand_bytes = shape.batch * shape.steps * shape.candidates * int64_t{sizeof(int32_t) + sizeof(float)};
   at::Tensor workspace = at::empty({shape.batch * int64_t{sizeof(int64_t)} + leader_bytes + cand_bytes}, bytes);
   uint8_t* ws = workspace.data_ptr<uint8_t>();
@@ -97,6 +103,7 @@ at::Tensor run_markov_on_device(const char* op, const at::Tensor& backbone_logit
     p.rank = shape.rank;
     p.candidates = shape.candidates;
     p.tiles = tiles;
+    p.slots = slots;
     p.step = 0;
     launch_markov_kernels(p, use_mma, launch);
   };

@@ -110,6 +110,7 @@ CASES = {
     "fp32-U-bf16-W": (5, 3, 200, 64, torch.float32, torch.bfloat16, None, None),
     "bf16-U-fp32-W": (5, 3, 200, 64, torch.bfloat16, torch.float32, None, None),
     "bf16-r48-simt": (7, 3, 333, 48, torch.bfloat16, None, None, None),
+    "bf16-B1040": (1040, 2, 200, 32, torch.bfloat16, None, None, None),  # above the shared-memory leaders
     "d2t": (6, 4, 300, 32, torch.bfloat16, None, 900, None),
     "cand-8": (6, 4, 300, 32, torch.bfloat16, None, None, 8),
     "cand-1": (4, 3, 300, 32, torch.float32, None, None, 1),

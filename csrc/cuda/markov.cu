@@ -18,7 +18,10 @@ at::Tensor markov_cuda(const char* op, const at::Tensor& backbone_logits, at::Te
     kernel<<<grid, block, 0, stream>>>(params...);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  return run_markov_on_device(op, backbone_logits, z, std::forward<Args>(args)..., launch);
+  // Tile kernel grid: four blocks per SM (two resident at a time, 128 registers per thread).
+  int sm_count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, backbone_logits.get_device()));
+  return run_markov_on_device(op, backbone_logits, z, std::forward<Args>(args)..., int64_t{4} * sm_count, launch);
 }
 
 std::tuple<at::Tensor, at::Tensor> markov_draft_cuda(const at::Tensor& backbone_logits, const at::Tensor& anchor,

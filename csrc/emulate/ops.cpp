@@ -40,6 +40,9 @@ std::tuple<at::Tensor, at::Tensor> confidence_emulated(const at::Tensor& hidden,
   return run_confidence_on_device(hidden, prev_tokens, w1, weight, bias, sts_temperature, emulated_launch);
 }
 
+// markov_draft's tile kernel grid in the emulation: small, so that blocks take several tiles.
+constexpr int64_t kEmulatedTileBlocks = 3;
+
 std::tuple<at::Tensor, at::Tensor> markov_draft_emulated(const at::Tensor& backbone_logits, const at::Tensor& anchor,
                                                          const at::Tensor& w1, const at::Tensor& w2,
                                                          const at::Tensor& temperature, const at::Tensor& seed,
@@ -49,7 +52,7 @@ std::tuple<at::Tensor, at::Tensor> markov_draft_emulated(const at::Tensor& backb
   TORCH_CHECK(backbone_logits.device().is_cpu(), "markov_draft (emulated CUDA): tensors must be on the CPU");
   at::Tensor z = at::empty_like(backbone_logits, at::MemoryFormat::Contiguous);
   at::Tensor tokens = run_markov_on_device("markov_draft", backbone_logits, z, anchor, w1, w2, temperature, seed,
-                                           offset, d2t, num_candidates, emulated_launch);
+                                           offset, d2t, num_candidates, kEmulatedTileBlocks, emulated_launch);
   return {tokens, z};
 }
 
@@ -59,7 +62,7 @@ at::Tensor markov_draft_inplace_emulated(at::Tensor backbone_logits, const at::T
                                          std::optional<int64_t> num_candidates) {
   TORCH_CHECK(backbone_logits.device().is_cpu(), "markov_draft_ (emulated CUDA): tensors must be on the CPU");
   return run_markov_on_device("markov_draft_", backbone_logits, backbone_logits, anchor, w1, w2, temperature, seed,
-                              offset, d2t, num_candidates, emulated_launch);
+                              offset, d2t, num_candidates, kEmulatedTileBlocks, emulated_launch);
 }
 
 }  // namespace

@@ -2,15 +2,17 @@
 // and the sampling of x_k from z_k, for K sequential steps, with no host synchronisation.
 //
 // Full vocabulary: two launches per step.
-//  1. markov_tile_kernel, one block per tile of kMarkovTileV draft ids. The block computes
-//     the [B, r] x [r, 128] product of the tile (W1 rows of every request's previous token
-//     against the tile's W2 rows) on tensor cores (markov_tile_product, mma.sync m16n8k16,
-//     the instruction of CuTe's SM80_16x8x16_F32BF16BF16F32_TN atom), 16 requests at a
-//     time, adds U, rounds to U's dtype, stores z and runs the exponential race (or the
-//     argmax) over the tile, leaving one MarkovBest per (request, tile). W2 is read once
-//     per step (each tile by one block), U once, z written once.
-//  2. markov_pick_kernel, one warp per request: the race winner over the tiles, mapped
-//     through d2t; it is the step's token and names the W1 row of the next step.
+//  1. markov_tile_kernel: the vocabulary is cut into tiles of kMarkovTileV draft ids, and
+//     each block takes tiles blockIdx.x, + gridDim.x, ... For each tile it computes the
+//     [B, r] x [r, 128] product (W1 rows of every request's previous token against the
+//     tile's W2 rows) on tensor cores (markov_tile_product: CuTe's
+//     SM80_16x8x16_F32BF16BF16F32_TN atom, mma.sync m16n8k16), 16 requests at a time, adds
+//     U, rounds to U's dtype, stores z and runs the exponential race (or the argmax) over
+//     the tile. Each request's leader over the block's tiles stays in shared memory; one
+//     MarkovBest per (request, block) goes to memory at the end. W2 is read once per step,
+//     U once, z written once; the leaders are 16 bytes per request and block.
+//  2. markov_pick_kernel, one warp per request: the race winner over the blocks' leaders,
+//     mapped through d2t; it is the step's token and names the W1 row of the next step.
 // Why two launches and not one persistent kernel: the next step needs every tile's
 // result, i.e. a grid-wide barrier. A cooperative launch would tie the grid size to the
 // number of resident blocks and could not run in the CUDA emulation (which runs blocks one
@@ -18,8 +20,8 @@
 // leaders on a single SM. The pick kernel is a few microseconds, and no host sync happens.
 //
 // The race needs the row max m (keys are (y - m) / T - log E). A tile knows only its own
-// max, so each tile (and the pick kernel across tiles) compares its keys relative to the
-// max it has seen, and the pick kernel scores every tile's leader with the exact key of the
+// max, so each tile (and each block across its tiles) compares keys relative to the max it
+// has seen, and the pick kernel scores every block's leader with the exact key of the
 // spec. The token is then the spec's except when two keys of one tile are within a rounding
 // error of each other (a few ulp; the tests see 100 % agreement on their inputs).
 //
@@ -46,8 +48,11 @@ constexpr int kMarkovChunk = 16;     // requests per tensor-core row block (m16)
 constexpr int kMarkovMaxMmaRank = 256;
 constexpr int kMarkovSimtRankChunk = 64;
 constexpr int kMarkovSelectThreads = 512;
+// Up to this batch size a block keeps every request's leader in shared memory across its
+// tiles (16 KB); above it the launcher gives each tile its own block.
+constexpr int kMarkovMaxResident = 1024;
 
-// A race leader: of one (request, tile) from the tile kernel.
+// A race leader: of one request over the tiles of one block.
 struct MarkovBest {
   float max;        // max of the finite y the leader was chosen among (-inf: none)
   float y;          // the leader's logit (sanitized z)
@@ -68,7 +73,7 @@ struct MarkovParams {
   const int64_t* d2t;         // [Vd] or nullptr
   int64_t* tokens;            // [B, K]
   int64_t* prev;              // [B] workspace: the W1 row of the step (-1: dead request)
-  MarkovBest* leaders;        // [B, tiles] workspace (full mode)
+  MarkovBest* leaders;        // [B, slots] workspace (full mode)
   int32_t* cand_index;        // [B, K, c] workspace (candidate mode)
   float* cand_value;          // [B, K, c] workspace: U, then y (candidate mode)
   int64_t batch;
@@ -78,6 +83,7 @@ struct MarkovParams {
   int64_t rank;
   int64_t candidates;         // c (candidate mode)
   int64_t tiles;              // ceil(Vd / kMarkovTileV)
+  int64_t slots;              // leaders per request: the tile kernel's grid size
   int64_t step;               // k (full mode kernels)
 };
 
@@ -211,6 +217,19 @@ __device__ __forceinline__ float leader_key(const MarkovBest& x, float row_max, 
   return greedy ? x.y : (x.y - row_max) / temperature + x.neg_log_e;
 }
 
+// The leader of two leaders, keys compared relative to the larger of their maxima.
+__device__ __forceinline__ MarkovBest combine_leaders(MarkovBest x, const MarkovBest& o, bool greedy,
+                                                      float temperature) {
+  const float m = fmaxf(x.max, o.max);
+  if (leads(leader_key(o, m, greedy, temperature), o.index, leader_key(x, m, greedy, temperature), x.index)) {
+    x.y = o.y;
+    x.neg_log_e = o.neg_log_e;
+    x.index = o.index;
+  }
+  x.max = m;
+  return x;
+}
+
 // 16 lanes (one request's row of the tile) elect their leader; every lane gets it.
 __device__ __forceinline__ MarkovBest elect16(MarkovBest x, bool greedy, float temperature) {
 #pragma unroll
@@ -220,13 +239,7 @@ __device__ __forceinline__ MarkovBest elect16(MarkovBest x, bool greedy, float t
     o.y = __shfl_xor_sync(0xFFFFFFFFu, x.y, mask);
     o.neg_log_e = __shfl_xor_sync(0xFFFFFFFFu, x.neg_log_e, mask);
     o.index = __shfl_xor_sync(0xFFFFFFFFu, x.index, mask);
-    const float m = fmaxf(x.max, o.max);
-    if (leads(leader_key(o, m, greedy, temperature), o.index, leader_key(x, m, greedy, temperature), x.index)) {
-      x.y = o.y;
-      x.neg_log_e = o.neg_log_e;
-      x.index = o.index;
-    }
-    x.max = m;
+    x = combine_leaders(x, o, greedy, temperature);
   }
   return x;
 }
@@ -265,11 +278,12 @@ __device__ __forceinline__ void store8(T* row, int64_t v, int64_t vocab, bool ve
   }
 }
 
-// z for 8 ids of one request, stored, and the tile's leader of that request.
+// z for 8 ids of one request, stored, and the tile's leader of that request, merged into
+// the block's leader of the request (`resident`, or written out when there is none).
 template <typename T, typename W>
 __device__ __forceinline__ void markov_tile_epilogue(const MarkovParams<T, W>& p, int64_t tile, int64_t chunk0,
                                                      const int64_t (&rows)[kMarkovChunk],
-                                                     const float (*acc)[kMarkovTileV + 4]) {
+                                                     const float (*acc)[kMarkovTileV + 4], MarkovBest* resident) {
   const int i = threadIdx.x / 16, seg = threadIdx.x % 16;
   const int64_t b = chunk0 + i;
   const int64_t v = tile * kMarkovTileV + seg * 8;
@@ -326,7 +340,11 @@ __device__ __forceinline__ void markov_tile_epilogue(const MarkovParams<T, W>& p
   }
   mine.max = tile_max;
   mine = elect16(mine, greedy, t);
-  if (active && seg == 0) p.leaders[b * p.tiles + tile] = mine;
+  if (active && seg == 0) {
+    // Request b's entry is only ever touched by this thread (row i of every chunk).
+    if (resident != nullptr) resident[b] = combine_leaders(resident[b], mine, greedy, t);
+    else p.leaders[b * p.slots + blockIdx.x] = mine;
+  }
 }
 
 // ---------------------------------------------------------------- kernel 1: tiles
@@ -340,39 +358,50 @@ __global__ void __launch_bounds__(kMarkovThreads, 2) markov_tile_kernel(MarkovPa
   // offsets); raw words also keep __shared__ free of constructors.
   __shared__ uint4 a_words[kMma ? kMarkovChunk * kAStride * sizeof(W) / 16 : 1];
   W* const a_rows = reinterpret_cast<W*>(a_words);
-  const int64_t tile = blockIdx.x;
-  const int64_t v0 = tile * kMarkovTileV;
-  MarkovTileFragments<W> fragments;
-  if constexpr (kMma) load_w2_fragments(p.w2, p.draft_vocab, p.rank, v0, fragments);
-  for (int64_t chunk0 = 0; chunk0 < p.batch; chunk0 += kMarkovChunk) {
-    __syncthreads();  // rows, a_rows and acc of the previous chunk are used up
-    if (threadIdx.x < kMarkovChunk) {
-      const int64_t b = chunk0 + threadIdx.x;
-      rows[threadIdx.x] = b < p.batch ? markov_row(p, b) : -1;
-    }
-    __syncthreads();
-    if constexpr (kMma) {
-      // Stage the chunk's W1 rows (zeros for dead or absent requests), 16 bytes a thread.
-      constexpr int kVec = 16 / sizeof(W);
-      const int per_row = static_cast<int>(p.rank) / kVec;
-      for (int e = threadIdx.x; e < kMarkovChunk * per_row; e += blockDim.x) {
-        const int row = e / per_row, col = (e % per_row) * kVec;
-        uint4 value = make_uint4(0u, 0u, 0u, 0u);
-        if (rows[row] >= 0) value = __ldg(reinterpret_cast<const uint4*>(p.w1 + rows[row] * p.rank + col));
-        *reinterpret_cast<uint4*>(a_rows + row * kAStride + col) = value;
+  __shared__ MarkovBest resident_leaders[kMarkovMaxResident];
+  // Blocks with several tiles keep their leaders here (the launcher gives every tile its
+  // own block when B > kMarkovMaxResident, and then they are written out per tile).
+  MarkovBest* const resident = p.batch <= kMarkovMaxResident ? resident_leaders : nullptr;
+  if (resident != nullptr)
+    for (int64_t b = threadIdx.x; b < p.batch; b += blockDim.x) resident[b] = MarkovBest{-INFINITY, 0.f, 0.f, -1};
+  for (int64_t tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
+    const int64_t v0 = tile * kMarkovTileV;
+    MarkovTileFragments<W> fragments;
+    if constexpr (kMma) load_w2_fragments(p.w2, p.draft_vocab, p.rank, v0, fragments);
+    for (int64_t chunk0 = 0; chunk0 < p.batch; chunk0 += kMarkovChunk) {
+      __syncthreads();  // rows, a_rows and acc of the previous chunk are used up
+      if (threadIdx.x < kMarkovChunk) {
+        const int64_t b = chunk0 + threadIdx.x;
+        rows[threadIdx.x] = b < p.batch ? markov_row(p, b) : -1;
       }
       __syncthreads();
-      markov_tile_product(a_rows, kAStride, p.rank, fragments, acc);
-    } else {
-      markov_tile_product_simt(p, rows, v0, acc);
+      if constexpr (kMma) {
+        // Stage the chunk's W1 rows (zeros for dead or absent requests), 16 bytes a thread.
+        constexpr int kVec = 16 / sizeof(W);
+        const int per_row = static_cast<int>(p.rank) / kVec;
+        for (int e = threadIdx.x; e < kMarkovChunk * per_row; e += blockDim.x) {
+          const int row = e / per_row, col = (e % per_row) * kVec;
+          uint4 value = make_uint4(0u, 0u, 0u, 0u);
+          if (rows[row] >= 0) value = __ldg(reinterpret_cast<const uint4*>(p.w1 + rows[row] * p.rank + col));
+          *reinterpret_cast<uint4*>(a_rows + row * kAStride + col) = value;
+        }
+        __syncthreads();
+        markov_tile_product(a_rows, kAStride, p.rank, fragments, acc);
+      } else {
+        markov_tile_product_simt(p, rows, v0, acc);
+      }
+      __syncthreads();
+      markov_tile_epilogue(p, tile, chunk0, rows, acc, resident);
     }
+  }
+  if (resident != nullptr) {
     __syncthreads();
-    markov_tile_epilogue(p, tile, chunk0, rows, acc);
+    for (int64_t b = threadIdx.x; b < p.batch; b += blockDim.x) p.leaders[b * p.slots + blockIdx.x] = resident[b];
   }
 }
 
 // ---------------------------------------------------------------- kernel 2: the pick
-// One warp per request: the winner over the tiles' leaders with the exact key, the token
+// One warp per request: the winner over the blocks' leaders with the exact key, the token
 // through d2t, the W1 row of the next step.
 template <typename T, typename W>
 __global__ void __launch_bounds__(kMarkovThreads) markov_pick_kernel(MarkovParams<T, W> p) {
@@ -382,13 +411,13 @@ __global__ void __launch_bounds__(kMarkovThreads) markov_pick_kernel(MarkovParam
   const float temperature = p.temperature[b];
   const bool greedy = !(temperature > 0.f);
   const float t = sanitize_temperature(temperature);
-  const MarkovBest* leaders = p.leaders + b * p.tiles;
+  const MarkovBest* leaders = p.leaders + b * p.slots;
   float row_max = -INFINITY;
-  for (int64_t i = lane; i < p.tiles; i += 32) row_max = fmaxf(row_max, leaders[i].max);
+  for (int64_t i = lane; i < p.slots; i += 32) row_max = fmaxf(row_max, leaders[i].max);
 #pragma unroll
   for (int mask = 16; mask > 0; mask >>= 1) row_max = fmaxf(row_max, __shfl_xor_sync(0xFFFFFFFFu, row_max, mask));
   ArgMax best{-INFINITY, -1};
-  for (int64_t i = lane; i < p.tiles; i += 32) {
+  for (int64_t i = lane; i < p.slots; i += 32) {
     const MarkovBest x = leaders[i];
     if (x.index >= 0) best = merge(best, ArgMax{leader_key(x, row_max, greedy, t), x.index});
   }

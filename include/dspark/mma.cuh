@@ -1,8 +1,8 @@
 // The tensor-core tile product of the dspark kernels: D = A * B + C for one warp-wide
-// m16n8k16 tile, A and B in bf16 or fp16, C and D in fp32 (PTX mma.sync.aligned.m16n8k16
-// .row.col.f32.{bf16,f16}.{bf16,f16}.f32, sm_80 and newer; CuTe's
-// SM80_16x8x16_F32BF16BF16F32_TN / SM80_16x8x16_F32F16F16F32_TN atoms issue the same
-// instruction with the same registers).
+// m16n8k16 tile, A and B in bf16 or fp16, C and D in fp32, through CuTe's MMA atoms
+// SM80_16x8x16_F32BF16BF16F32_TN / SM80_16x8x16_F32F16F16F32_TN (PTX mma.sync.aligned
+// .m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32, sm_80 and newer; the CUDA build needs
+// the nvidia-cutlass headers).
 //
 // Per-thread fragments (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point
 // type"), with group = lane / 4 and pair = lane % 4:
@@ -13,7 +13,7 @@
 //   C, D (16 x 8): c[e] at row = group + 8 * (e >> 1), col = 2 * pair + (e & 1)
 // The functions below give those positions, so a kernel can fill fragments from any
 // layout. In the CUDA emulation (dspark/emulate/device.h) mma_m16n8k16 is a warp
-// collective with the same fragments; that #if is the only line that differs.
+// collective with the same fragments; that #if is the only place that differs.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -48,6 +48,8 @@ DSPARK_HOST_DEVICE TilePosition mma_c_position(int lane, int e) {
 
 #if defined(DSPARK_EMULATE)
 #include "dspark/emulate/mma.h"
+#elif defined(__CUDACC__)
+#include <cute/arch/mma_sm80.hpp>  // CuTe's SM80 16x8x16 atoms (nvidia-cutlass headers)
 #endif
 
 namespace dspark {
@@ -59,24 +61,11 @@ __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[
   static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>, "mma_m16n8k16: bf16 or fp16");
 #if defined(DSPARK_EMULATE)
   emulate::mma_m16n8k16<T>(d, a, b, c);
-#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%10,%11,%12,%13};\n"
-        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]),
-          "f"(c[3]));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%10,%11,%12,%13};\n"
-        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]),
-          "f"(c[3]));
-  }
 #elif defined(__CUDA_ARCH__)
-  static_assert(sizeof(T) == 0, "mma_m16n8k16 needs sm_80 or newer");
+  static_assert(__CUDA_ARCH__ >= 800, "mma_m16n8k16 needs sm_80 or newer");
+  using Atom = std::conditional_t<std::is_same_v<T, __nv_bfloat16>, cute::SM80_16x8x16_F32BF16BF16F32_TN,
+                                  cute::SM80_16x8x16_F32F16F16F32_TN>;
+  Atom::fma(d[0], d[1], d[2], d[3], a[0], a[1], a[2], a[3], b[0], b[1], c[0], c[1], c[2], c[3]);
 #endif
 }
 
