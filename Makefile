@@ -1,4 +1,6 @@
-# make demo          — build (if needed) and run the demo on a synthetic batch
+# make demo          — build (if needed), then the end-to-end demo: trains (first run, about
+#                      10 minutes on 2 CPU cores; cached afterwards) a tiny target LM and DSpark
+#                      drafters, decodes with every op and reports (demo_results.json/.png)
 # make test          — build including the CUDA compile, then ctest and pytest
 # make emulate       — the CUDA kernels run on the CPU (include/dspark/emulate) under
 #                      AddressSanitizer + UndefinedBehaviorSanitizer: C++ test + pytest

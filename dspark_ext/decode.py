@@ -60,6 +60,7 @@ class GenerationResult:
     drafts_accepted: int = 0
     verified_by_position: list[int] = dataclasses.field(default_factory=list)
     accepted_by_position: list[int] = dataclasses.field(default_factory=list)
+    round_tokens: list[int] = dataclasses.field(default_factory=list)  # tokens scored per round
     seconds: float = 0.0
     cache: object = None               # the target's KV cache at the end (for inspection)
 
@@ -161,6 +162,7 @@ def target_generate(target, prompts: list[list[int]], max_new_tokens, temperatur
         state.offset += 1
         result.rounds += 1
         result.target_tokens += int(active.sum())
+        result.round_tokens.append(int(active.sum()))
     result.seconds = time.perf_counter() - began
     result.cache = state.cache
     return result
@@ -170,11 +172,13 @@ def target_generate(target, prompts: list[list[int]], max_new_tokens, temperatur
 def speculative_generate(target, drafter, prompts: list[list[int]], max_new_tokens, temperature=0.0, top_k=None,
                          top_p=None, seed=0, scheduler=None, max_draft: int | None = None,
                          sts_temperature: torch.Tensor | None = None, eos_id: int | None = None,
-                         cache_len: int | None = None) -> GenerationResult:
+                         cache_len: int | None = None, record: list | None = None) -> GenerationResult:
     """DSpark speculative decoding (see the module doc). ``scheduler``: a
     LoadAwareScheduler (its ``plan(survival)`` gives the verify lengths), or None to verify
     ``max_draft`` drafts (default K) every round. Lossless: with the same seeds the output
-    distribution is the target's (greedy: the same tokens as ``target_generate``)."""
+    distribution is the target's (greedy: the same tokens as ``target_generate``).
+    ``record``: a list that receives, per round, the active requests' raw confidence logits
+    [n, K] (before STS), drafts verified [n] and drafts accepted [n] (for fitting STS)."""
     began = time.perf_counter()
     state = _Batch(target, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_id, cache_len)
     b, device = state.batch, state.device
@@ -240,6 +244,9 @@ def speculative_generate(target, drafter, prompts: list[list[int]], max_new_toke
                                    .clamp(min=0), state.anchor)
         state.offset += 1
         # Statistics (host side).
+        if record is not None:
+            record.append({"conf_logits": drafter.confidence_logits(h, prev)[active].float().cpu(),
+                           "num_draft": num_draft[active].cpu(), "accepted": acc[active].cpu()})
         lengths, accepted = num_draft.tolist(), acc.tolist()
         for i in range(b):
             if not bool(active[i]):
@@ -251,6 +258,7 @@ def speculative_generate(target, drafter, prompts: list[list[int]], max_new_toke
                 result.accepted_by_position[k] += int(k < accepted[i])
         result.rounds += 1
         result.target_tokens += int(num_new.sum())
+        result.round_tokens.append(int(num_new.sum()))
     result.seconds = time.perf_counter() - began
     result.cache = state.cache
     return result

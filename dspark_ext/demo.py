@@ -1,145 +1,333 @@
-"""Demo: one verification round on a synthetic batch, then an empirical losslessness check.
+"""make demo: DSpark end to end on a model trained here.
 
-    python -m dspark_ext.demo [--device cpu|cuda] [--batch 8] [--max-draft 5] [--vocab 32000]
+    python -m dspark_ext.demo [--device cpu|cuda] [--retrain] [--out DIR]
 
-Part 1 drafts K tokens per request from a draft distribution close to the target's,
-verifies them with torch.ops.dspark.verify and prints the emitted tokens and acceptance
-statistics. Part 2 repeats one small request 200 000 times with different seeds and
-compares the distribution of the first emitted token with the target distribution
-(chi-square test and total-variation distance). Part 3 scores drafts with the confidence
-head, turns survival into verify lengths with the load-aware scheduler (paper Algorithm 1)
-for an idle and a saturated target, and prints how many drafts each would verify.
+1. Trains (first run) or loads (cached in $DSPARK_CACHE, default ~/.cache/dspark_ext):
+   a byte-level BPE tokenizer and a small decoder-only target LM on the Python standard
+   library's sources, then two DSpark drafters against the frozen target (one with the
+   Markov head, one without: the baseline), then STS on held-out rounds.
+2. Runs the whole round (backbone -> markov_draft -> confidence -> scheduler -> target
+   -> verify -> commit) on held-out prompts and reports:
+   * greedy: speculative output == target-only output on every prompt;
+   * sampling: the first generated token over many seeds against the target's softmax
+     (chi-square);
+   * acceptance length with and without the Markov head (gamma = 7, same seeds);
+   * calibration of survival (ECE) before and after STS;
+   * tokens per unit of target cost for the load-aware scheduler and each fixed gamma,
+     under the cost profile measured on this machine and under a saturated one;
+   * wall-clock tokens/s, speculative vs target-only, at batch 1 and 16.
+Writes demo_results.json and demo_results.png to --out (default: the working directory).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
+import json
+import os
 import time
 
 import torch
 
-import dspark_ext
-from dspark_ext import ops
+from . import decode, sts
+from .models import tokenizer as tok
+from .models import train
+from .models.drafter import DrafterConfig, DSparkDrafter
+from .models.target import TargetConfig, TinyLM
+from .scheduler import CostProfile, LoadAwareScheduler
+
+CACHE_VERSION = "v2"
+VOCAB = 2048
+CORPUS_BYTES = 6_000_000  # the first train files (sorted) up to this many bytes
+TARGET = TargetConfig(vocab_size=VOCAB, d_model=192, n_layers=4, n_heads=4, max_len=512)
+TARGET_PLAN = train.TargetTraining(steps=800, batch=16, seq_len=128, lr=2e-3, warmup=40)
+BLOCK = 7
 
 
-def synthetic_round(batch: int, max_draft: int, vocab: int, device: str, dtype: torch.dtype, generator: torch.Generator):
-    """Target logits [B*(K+1), V] (padded layout) and drafts sampled from a perturbed copy."""
-    target = torch.randn(batch, max_draft + 1, vocab, generator=generator) * 3.0
-    draft = target[:, :max_draft] + 0.3 * torch.randn(batch, max_draft, vocab, generator=generator)
-    temperature = torch.full((batch,), 0.8)
-    temperature[0] = 0.0  # request 0 decodes greedily
-    probs = torch.softmax(draft / temperature.clamp(min=1e-6).view(-1, 1, 1), dim=-1)
-    draft_tokens = torch.multinomial(probs.reshape(-1, vocab), 1, generator=generator).reshape(batch, max_draft)
-    draft_tokens[0] = draft[0].argmax(-1)
-    return dict(
-        target_logits=target.reshape(-1, vocab).to(device, dtype),
-        target_offset=ops.padded_target_offset(batch, max_draft, device),
-        draft_tokens=draft_tokens.to(device),
-        draft_logits=draft.to(device, dtype),
-        num_draft=torch.full((batch,), max_draft, dtype=torch.int32, device=device),
-        temperature=temperature.to(device),
-        seed=torch.arange(batch, dtype=torch.int64, device=device) + 1234,
-        offset=torch.zeros(batch, dtype=torch.int64, device=device),
-    )
+def drafter_config(markov: bool) -> DrafterConfig:
+    return DrafterConfig(vocab_size=VOCAB, target_d_model=TARGET.d_model, context_layers=(1, 3), d_model=192,
+                         n_layers=1, n_heads=4, block=BLOCK, rank=64, markov=markov)
 
 
-def part_one(args) -> None:
-    gen = torch.Generator().manual_seed(0)
-    inputs = synthetic_round(args.batch, args.max_draft, args.vocab, args.device, torch.bfloat16, gen)
-    out_tokens, num_accepted = ops.verify(**inputs)
-    if args.device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(10):
-        ops.verify(**inputs)
-    if args.device == "cuda":
-        torch.cuda.synchronize()
-    per_call = (time.perf_counter() - start) / 10
-    print(f"== one round: B={args.batch}, K={args.max_draft}, V={args.vocab}, bf16, device={args.device}")
-    for b in range(args.batch):
-        n = int(num_accepted[b])
-        mode = "greedy" if b == 0 else "T=0.8 "
-        print(f"  request {b} ({mode}) drafts {inputs['draft_tokens'][b].tolist()}")
-        print(f"      accepted {n}, emitted {out_tokens[b, :n + 1].tolist()}")
-    mean = num_accepted.float().mean().item()
-    print(f"  mean accepted drafts {mean:.2f} of {args.max_draft}; tokens per round {mean + 1:.2f}; "
-          f"verify {per_call * 1e6:.0f} us per call")
+DRAFTER_PLAN = train.DrafterTraining(steps=600, sequences=8, seq_len=96, anchors=12, lr=2e-3, warmup=20)
 
 
-def part_two(args) -> None:
-    from scipy import stats
+# ---------------------------------------------------------------------------- training / cache
+def prepare(device, retrain: bool, log, quick: bool = False) -> dict:
+    global CORPUS_BYTES, TARGET_PLAN, DRAFTER_PLAN
+    if quick:  # a smoke run of the pipeline: tiny corpus and training, results meaningless
+        CORPUS_BYTES = 300_000
+        TARGET_PLAN = dataclasses.replace(TARGET_PLAN, steps=30, batch=4)
+        DRAFTER_PLAN = dataclasses.replace(DRAFTER_PLAN, steps=10, sequences=2)
+    root = os.path.join(train.cache_dir(), CACHE_VERSION + ("-quick" if quick else ""))
+    os.makedirs(root, exist_ok=True)
+    timings = {}
+    began = time.time()
+    tok_path = os.path.join(root, "tokenizer.json")
+    train_files, held_files = tok.stdlib_files()
+    if retrain or not os.path.exists(tok_path):
+        chosen, total = [], 0
+        for path in train_files:
+            if total >= CORPUS_BYTES:
+                break
+            chosen.append(path)
+            total += os.path.getsize(path)
+        log(f"training the tokenizer (BPE, {VOCAB} tokens) on {len(chosen)} stdlib files, {total / 1e6:.1f} MB")
+        tokenizer = tok.train_tokenizer(chosen, VOCAB)
+        tokenizer.save(tok_path)
+        ids = train.encode_files(tokenizer, chosen)
+        held = train.encode_files(tokenizer, held_files)
+        torch.save({"train": ids, "held_out": held}, os.path.join(root, "ids.pt"))
+    tokenizer = tok.load_tokenizer(tok_path)
+    data = torch.load(os.path.join(root, "ids.pt"))
+    timings["tokenizer_s"] = round(time.time() - began, 1)
+    log(f"corpus: {data['train'].numel()} train tokens, {data['held_out'].numel()} held-out tokens")
 
-    samples, vocab, max_draft = 200_000, 24, 2
-    gen = torch.Generator().manual_seed(1)
-    target = torch.randn(max_draft + 1, vocab, generator=gen) * 1.5
-    draft = target[:max_draft] + torch.randn(max_draft, vocab, generator=gen)
-    temperature = 0.9
-    p_target = torch.softmax(target[0].double() / temperature, -1)
-    p_draft = torch.softmax(draft.double() / temperature, -1)
-    draft_tokens = torch.stack([torch.multinomial(p_draft[k], samples, replacement=True, generator=gen)
-                                for k in range(max_draft)], dim=1)
-    device = args.device
-    out_tokens, num_accepted = ops.verify(
-        target.repeat(samples, 1).to(device), ops.padded_target_offset(samples, max_draft, device),
-        draft_tokens.to(device), draft.repeat(samples, 1, 1).to(device),
-        torch.full((samples,), max_draft, dtype=torch.int32, device=device),
-        torch.full((samples,), temperature, device=device),
-        torch.arange(samples, dtype=torch.int64, device=device), torch.zeros(samples, dtype=torch.int64, device=device))
-    first = out_tokens[:, 0].cpu()
-    counts = torch.bincount(first, minlength=vocab).double()
-    expected = p_target * samples
-    chi2, p_value = stats.chisquare(counts.numpy(), expected.numpy())
-    tv = 0.5 * (counts / samples - p_target).abs().sum().item()
-    draft_only_tv = 0.5 * (p_draft[0] - p_target).abs().sum().item()
-    print(f"== losslessness: {samples} rounds, V={vocab}, T={temperature}")
-    print(f"  draft acceptance at position 0: {(num_accepted > 0).float().mean().item():.3f} "
-          f"(theory {1 - draft_only_tv:.3f})")
-    print(f"  first emitted token vs target: total variation {tv:.4f}, chi-square p = {p_value:.3f}")
-    print(f"  (the draft distribution alone is at total variation {draft_only_tv:.3f} from the target)")
-    print("  " + ("PASS: matches the target distribution" if p_value > 1e-3 else "FAIL: distribution differs"))
+    began = time.time()
+    target_path = os.path.join(root, "target")
+    if retrain or not os.path.exists(target_path + ".safetensors"):
+        log(f"training the target ({TARGET.n_layers} layers, d = {TARGET.d_model}, {TARGET_PLAN.steps} steps)")
+        target, info = train.train_target(TARGET, data["train"], TARGET_PLAN, device)
+        info["held_out_loss"] = train.evaluate_target(target, data["held_out"])
+        train.save_model(target, TARGET, target_path, training=info)
+    target, target_meta = train.load_model(TinyLM, TargetConfig, target_path, device)
+    timings["target_s"] = round(time.time() - began, 1)
 
-
-def part_three(args) -> None:
-    """Confidence head -> survival -> load-aware verify lengths, on an idle and a busy target."""
-    from dspark_ext.scheduler import CostProfile, LoadAwareScheduler
-
-    gen = torch.Generator().manual_seed(2)
-    batch, max_draft, hidden, rank, vocab = 64, 7, 256, 32, 1000
-    device = args.device
-    h = torch.randn(batch, max_draft, hidden, generator=gen)
-    prev = torch.randint(0, vocab, (batch, max_draft), generator=gen)
-    w1 = torch.randn(vocab, rank, generator=gen) * 0.3
-    weight = torch.randn(hidden + rank, generator=gen) * 0.08
-    bias = torch.tensor(1.5)
-    sts_temperature = torch.linspace(1.0, 1.6, max_draft)
-    move = [t.to(device) for t in (h, prev, w1, weight, bias, sts_temperature)]
-    conf, survival = ops.confidence(*move)
-    # Two made-up target cost curves (seconds against tokens verified in one step): a
-    # GPU with idle capacity (flat up to 512 tokens) and a saturated one (20 ms + 0.1 ms
-    # per token).
-    idle = CostProfile([1, 512, 1024], [0.010, 0.010, 0.018])
-    busy = CostProfile([1, 1024], [0.0201, 0.1224])
-    print(f"== scheduling: B={batch}, K={max_draft}, mean confidence {conf.mean().item():.2f}, "
-          f"mean survival at k=K-1 {survival[:, -1].mean().item():.2f}")
-    for name, cost in (("idle target", idle), ("saturated target", busy)):
-        lengths = LoadAwareScheduler(cost, max_draft, mode="early_stop").plan(survival)
-        verified = int(lengths.sum())
-        expected = batch + float(sum(survival[b, :int(lengths[b])].sum() for b in range(batch)))
-        print(f"  {name:17s}: verify {verified:3d} drafts (mean L {lengths.float().mean().item():.2f}); "
-              f"expected tokens {expected:.1f} for {batch + verified} target tokens")
+    drafters = {}
+    for markov in (True, False):
+        began = time.time()
+        name = "drafter_markov" if markov else "drafter_no_markov"
+        path = os.path.join(root, name)
+        if retrain or not os.path.exists(path + ".safetensors"):
+            log(f"training the {'Markov' if markov else 'no-Markov'} drafter ({DRAFTER_PLAN.steps} steps)")
+            drafter, info = train.train_drafter(target, drafter_config(markov), data["train"], DRAFTER_PLAN, device,
+                                                desc=name)
+            train.save_model(drafter, drafter.config, path, training=info)
+        drafters[markov], _ = train.load_model(DSparkDrafter, DrafterConfig, path, device)
+        timings[f"{name}_s"] = round(time.time() - began, 1)
+    return {"tokenizer": tokenizer, "data": data, "target": target, "target_meta": target_meta,
+            "drafters": drafters, "timings": timings, "root": root}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if dspark_ext.cuda_available() else "cpu")
-    parser.add_argument("--batch", type=int, default=6)
-    parser.add_argument("--max-draft", type=int, default=5)
-    parser.add_argument("--vocab", type=int, default=32000)
-    args = parser.parse_args()
-    part_one(args)
-    part_two(args)
-    part_three(args)
+def held_out_prompts(ids: torch.Tensor, count: int, length: int, seed: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - length, (count,), generator=generator).tolist()
+    return [ids[s:s + length].tolist() for s in starts]
+
+
+# ---------------------------------------------------------------------------- measurements
+def chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson chi-square p-value, bins with expectation < 5 pooled."""
+    from scipy.stats import chi2
+
+    expected = probs.double() * float(counts.sum())
+    keep = expected >= 5
+    obs = torch.cat([counts.double()[keep], counts.double()[~keep].sum().view(1)])
+    exp = torch.cat([expected[keep], expected[~keep].sum().view(1)])
+    if float(exp[-1]) < 5:
+        obs, exp = obs[:-1], exp[:-1]
+        scale = exp.sum() / obs.sum()
+        obs = obs * scale
+    stat = float(((obs - exp) ** 2 / exp).sum())
+    return float(chi2.sf(stat, max(1, len(obs) - 1)))
+
+
+def survival_ece(conf_logits, num_draft, accepted, temperatures=None) -> float:
+    survival = sts.survival_from_logits(conf_logits, temperatures)
+    k = torch.arange(conf_logits.shape[1]).unsqueeze(0)
+    labels = (k < accepted.unsqueeze(1)).double()
+    known = (k < num_draft.unsqueeze(1)).double()
+    return float(sts.expected_calibration_error(survival.reshape(-1), labels.reshape(-1), weight=known.reshape(-1)))
+
+
+def tokens_per_cost(result: decode.GenerationResult, profile: CostProfile) -> float:
+    cost = sum(float(profile(n)) for n in result.round_tokens)
+    return result.generated / cost
+
+
+def measure_cost_profile(target, device, log) -> CostProfile:
+    """Target step time against tokens scored, 16 requests sharing them (this machine)."""
+    counts = [16, 32, 48, 64, 80, 96, 112, 128]
+
+    @torch.no_grad()
+    def step(n):
+        cache = target.new_cache(16, device, max_len=64)
+        cache.lengths[:] = 32  # a context as in the demo's rounds
+        per = (n + 15) // 16
+        target(torch.zeros(16, per, dtype=torch.int64, device=device), torch.full((16,), per, device=device), cache)
+
+    profile = CostProfile.measure(step, counts, repeats=5, warmup=1, device=device)
+    log("cost profile (this machine): " + ", ".join(f"{n}: {1e3 * float(profile(n)):.1f} ms" for n in counts))
+    return profile
+
+
+def run(args) -> dict:
+    device = torch.device(args.device)
+    log = print
+    total_began = time.time()
+    prep = prepare(device, args.retrain, log, args.quick)
+    target, drafters, data = prep["target"], prep["drafters"], prep["data"]
+    held = data["held_out"]
+    results: dict = {"device": str(device), "timings": prep["timings"],
+                     "target": {"config": dataclasses.asdict(TARGET), **prep["target_meta"].get("training", {})}}
+
+    # STS: rounds of the Markov drafter on held-out prompts (gamma = 7, T = 1), half to fit,
+    # half to evaluate.
+    prompts = held_out_prompts(held, 48, 48, seed=1)
+    record: list = []
+    with_markov = decode.speculative_generate(target, drafters[True], prompts, 64, temperature=1.0, seed=7,
+                                              record=record)
+    without = decode.speculative_generate(target, drafters[False], prompts, 64, temperature=1.0, seed=7)
+    logits = torch.cat([r["conf_logits"] for r in record])
+    num_draft = torch.cat([r["num_draft"] for r in record]).to(torch.int64)
+    accepted = torch.cat([r["accepted"] for r in record]).to(torch.int64)
+    half = logits.shape[0] // 2
+    temps = sts.fit_sts(logits[:half], accepted[:half], num_verified=num_draft[:half])
+    results["sts_temperatures"] = [round(float(t), 4) for t in temps]
+    results["sts_ece_before"] = survival_ece(logits[half:], num_draft[half:], accepted[half:])
+    results["sts_ece_after"] = survival_ece(logits[half:], num_draft[half:], accepted[half:], temps)
+    for name, res in (("markov", with_markov), ("no_markov", without)):
+        results[f"acceptance_length_{name}"] = res.drafts_accepted / max(1, res.verified_by_position[0])
+        results.setdefault("acceptance_by_position", {})[name] = [
+            a / max(1, v) for a, v in zip(res.accepted_by_position, res.verified_by_position)]
+
+    # Greedy identity on held-out prompts. Both runs use a float64 copy of the models: in
+    # float32 a logit of the target depends in its last bits on how many tokens a forward
+    # scores, which can flip a near-tied argmax in either loop (a property of the model's
+    # arithmetic, not of speculative decoding).
+    greedy_prompts = held_out_prompts(held, 12, 32, seed=2)
+    target64, drafter64 = copy.deepcopy(target).double(), copy.deepcopy(drafters[True]).double()
+    spec = decode.speculative_generate(target64, drafter64, greedy_prompts, 48, temperature=0.0,
+                                       sts_temperature=temps)
+    plain = decode.target_generate(target64, greedy_prompts, 48, temperature=0.0)
+    results["greedy_identical"] = spec.tokens == plain.tokens
+    results["greedy_tokens_compared"] = sum(len(t) for t in plain.tokens)
+    greedy_sample = spec.tokens[0]
+
+    # Sampling: first token of one prompt over many seeds against the target's softmax.
+    n = args.chi2_samples
+    prompt = held_out_prompts(held, 1, 24, seed=3)[0]
+    first = decode.speculative_generate(target, drafters[True], [prompt] * n, 1, temperature=1.0,
+                                        seed=list(range(n)), sts_temperature=temps)
+    with torch.no_grad():
+        logits_t, _ = target(torch.tensor([prompt], device=device))
+    probs = torch.softmax(logits_t[0, -1].double(), -1).cpu()
+    counts = torch.bincount(torch.tensor([t[0] for t in first.tokens]), minlength=VOCAB)
+    results["sampling_chi2_p"] = chi_square_p(counts, probs)
+    results["sampling_chi2_samples"] = n
+
+    # Scheduler against fixed gamma, under the measured and a saturated cost profile.
+    measured = measure_cost_profile(target, device, log)
+    saturated = CostProfile([1, 4096], [1.0, 4096.0], {"note": "cost proportional to tokens"})
+    sched_prompts = held_out_prompts(held, 16, 32, seed=4)
+    fixed = {g: decode.speculative_generate(target, drafters[True], sched_prompts, 40, temperature=1.0, seed=11,
+                                            max_draft=g, sts_temperature=temps) for g in range(BLOCK + 1)}
+    results["scheduler"] = {}
+    for name, profile in (("measured", measured), ("saturated", saturated)):
+        scheduler = LoadAwareScheduler(profile, max_draft=BLOCK)
+        res = decode.speculative_generate(target, drafters[True], sched_prompts, 40, temperature=1.0, seed=11,
+                                          scheduler=scheduler, sts_temperature=temps)
+        results["scheduler"][name] = {
+            "scheduler": tokens_per_cost(res, profile),
+            "fixed": {str(g): tokens_per_cost(r, profile) for g, r in fixed.items()},
+            "unit": "tokens per second of target time" if name == "measured" else "tokens per token scored",
+        }
+
+    # Wall clock, batch 1 and 16.
+    for batch in (1, 16):
+        wall_prompts = held_out_prompts(held, batch, 32, seed=5)
+        scheduler = LoadAwareScheduler(measured, max_draft=BLOCK)
+        spec = decode.speculative_generate(target, drafters[True], wall_prompts, 64, temperature=1.0, seed=3,
+                                           scheduler=scheduler, sts_temperature=temps)
+        plain = decode.target_generate(target, wall_prompts, 64, temperature=1.0, seed=3)
+        results[f"tokens_per_s_speculative_b{batch}"] = spec.generated / spec.seconds
+        results[f"tokens_per_s_target_only_b{batch}"] = plain.generated / plain.seconds
+    results["sample_text"] = prep["tokenizer"].decode(greedy_prompts[0]) + " ⟨generated:⟩ " + \
+        prep["tokenizer"].decode(greedy_sample)
+    results["total_s"] = round(time.time() - total_began, 1)
+    return results
+
+
+# ---------------------------------------------------------------------------- report
+def report(results: dict) -> str:
+    sched = results["scheduler"]
+    lines = [
+        "",
+        "DSpark end to end (dspark_ext.demo)",
+        f"  device {results['device']}; timings (s): {results['timings']}; total {results['total_s']} s",
+        f"  target held-out loss: {results['target'].get('held_out_loss', float('nan')):.3f} nats/token",
+        f"  greedy: speculative == target-only on {results['greedy_tokens_compared']} tokens: "
+        f"{results['greedy_identical']}",
+        f"  sampling: first token over {results['sampling_chi2_samples']} seeds vs the target's softmax: "
+        f"chi-square p = {results['sampling_chi2_p']:.3f}",
+        f"  acceptance length (gamma = 7, T = 1): Markov {results['acceptance_length_markov']:.3f}, "
+        f"no Markov {results['acceptance_length_no_markov']:.3f} "
+        f"({100 * (results['acceptance_length_markov'] / max(1e-9, results['acceptance_length_no_markov']) - 1):+.1f} %)",
+        "  acceptance by position (Markov):    " + " ".join(f"{a:.2f}" for a in results["acceptance_by_position"]["markov"]),
+        "  acceptance by position (no Markov): " + " ".join(f"{a:.2f}" for a in results["acceptance_by_position"]["no_markov"]),
+        f"  survival ECE: {100 * results['sts_ece_before']:.2f} % before STS, {100 * results['sts_ece_after']:.2f} % after",
+    ]
+    for name in ("measured", "saturated"):
+        s = sched[name]
+        best = max(s["fixed"].items(), key=lambda kv: kv[1])
+        lines.append(f"  {name} cost profile ({s['unit']}): scheduler {s['scheduler']:.4g}, best fixed gamma = "
+                     f"{best[0]}: {best[1]:.4g}; fixed " + ", ".join(f"{g}: {v:.3g}" for g, v in s["fixed"].items()))
+    for batch in (1, 16):
+        lines.append(f"  batch {batch}: {results[f'tokens_per_s_speculative_b{batch}']:.1f} tokens/s speculative, "
+                     f"{results[f'tokens_per_s_target_only_b{batch}']:.1f} target-only")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for name, style in (("markov", "o-"), ("no_markov", "s--")):
+        values = results["acceptance_by_position"][name]
+        axes[0].plot(range(len(values)), values, style, label=name.replace("_", " "))
+    axes[0].set_xlabel("draft position k")
+    axes[0].set_ylabel("acceptance rate given the earlier drafts")
+    axes[0].set_title("acceptance per position (gamma = 7)")
+    axes[0].legend()
+    for ax, name in zip(axes[1:], ("measured", "saturated")):
+        s = results["scheduler"][name]
+        gammas = [int(g) for g in s["fixed"]]
+        ax.plot(gammas, [s["fixed"][str(g)] for g in gammas], "o-", label="fixed gamma")
+        ax.axhline(s["scheduler"], color="C3", label="load-aware scheduler")
+        ax.set_xlabel("gamma (drafts verified per round)")
+        ax.set_ylabel(s["unit"])
+        ax.set_title(f"{name} cost profile")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--retrain", action="store_true", help="ignore the cache and train again")
+    parser.add_argument("--chi2-samples", type=int, default=3000)
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny training, meaningless numbers")
+    parser.add_argument("--out", default=".")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.chi2_samples = min(args.chi2_samples, 300)
+    torch.manual_seed(0)
+    results = run(args)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "demo_results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    try:
+        plot(results, os.path.join(args.out, "demo_results.png"))
+    except Exception as error:  # noqa: BLE001  (the numbers matter more than the figure)
+        print(f"demo: plot failed: {error!r}")
+    print(report(results))
+    print(f"\nwrote {os.path.join(args.out, 'demo_results.json')} and demo_results.png")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

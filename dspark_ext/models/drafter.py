@@ -161,7 +161,8 @@ def dspark_loss(draft_logits: torch.Tensor, confidence_logits: torch.Tensor, tar
     l1 = (p_d - target_probs.float()).abs().sum(-1)
     c_star = (1.0 - 0.5 * l1).clamp(0.0, 1.0).detach()
     bce = F.binary_cross_entropy_with_logits(confidence_logits.float(), c_star, reduction="none")
-    parts = {name: float((value * weights).sum() / norm) for name, value in (("ce", ce), ("l1", l1), ("bce", bce))}
+    parts = {name: float(((value * weights).sum() / norm).detach())
+             for name, value in (("ce", ce), ("l1", l1), ("bce", bce))}
     loss = ((0.1 * ce + 0.9 * l1 + 1.0 * bce) * weights).sum() / norm
     return loss, parts
 
