@@ -213,15 +213,23 @@ __device__ __forceinline__ bool leads(float key, int32_t index, float other_key,
 }
 
 // The race key of a leader relative to the max m (greedy: the logit itself).
+// The spec's key, with the division: the pick kernel's final choice among leaders.
 __device__ __forceinline__ float leader_key(const MarkovBest& x, float row_max, bool greedy, float temperature) {
   return greedy ? x.y : (x.y - row_max) / temperature + x.neg_log_e;
 }
 
+// Inside the tile kernel, leaders are chosen with keys scaled by 1/T, a multiplication
+// instead of a division per element and per comparison: this only changes which of two
+// keys within an ulp of each other leads (the tile-local max already may), and every
+// block's leader is scored with the exact key above.
+__device__ __forceinline__ float leader_key_scaled(const MarkovBest& x, float row_max, bool greedy, float inv_t) {
+  return greedy ? x.y : (x.y - row_max) * inv_t + x.neg_log_e;
+}
+
 // The leader of two leaders, keys compared relative to the larger of their maxima.
-__device__ __forceinline__ MarkovBest combine_leaders(MarkovBest x, const MarkovBest& o, bool greedy,
-                                                      float temperature) {
+__device__ __forceinline__ MarkovBest combine_leaders(MarkovBest x, const MarkovBest& o, bool greedy, float inv_t) {
   const float m = fmaxf(x.max, o.max);
-  if (leads(leader_key(o, m, greedy, temperature), o.index, leader_key(x, m, greedy, temperature), x.index)) {
+  if (leads(leader_key_scaled(o, m, greedy, inv_t), o.index, leader_key_scaled(x, m, greedy, inv_t), x.index)) {
     x.y = o.y;
     x.neg_log_e = o.neg_log_e;
     x.index = o.index;
@@ -231,7 +239,7 @@ __device__ __forceinline__ MarkovBest combine_leaders(MarkovBest x, const Markov
 }
 
 // 16 lanes (one request's row of the tile) elect their leader; every lane gets it.
-__device__ __forceinline__ MarkovBest elect16(MarkovBest x, bool greedy, float temperature) {
+__device__ __forceinline__ MarkovBest elect16(MarkovBest x, bool greedy, float inv_t) {
 #pragma unroll
   for (int mask = 8; mask > 0; mask >>= 1) {
     MarkovBest o;
@@ -239,7 +247,7 @@ __device__ __forceinline__ MarkovBest elect16(MarkovBest x, bool greedy, float t
     o.y = __shfl_xor_sync(0xFFFFFFFFu, x.y, mask);
     o.neg_log_e = __shfl_xor_sync(0xFFFFFFFFu, x.neg_log_e, mask);
     o.index = __shfl_xor_sync(0xFFFFFFFFu, x.index, mask);
-    x = combine_leaders(x, o, greedy, temperature);
+    x = combine_leaders(x, o, greedy, inv_t);
   }
   return x;
 }
@@ -290,7 +298,7 @@ __device__ __forceinline__ void markov_tile_epilogue(const MarkovParams<T, W>& p
   const bool active = b < p.batch;
   const float temperature = active ? p.temperature[b] : 0.f;
   const bool greedy = !(temperature > 0.f);
-  const float t = sanitize_temperature(temperature);
+  const float inv_t = greedy ? 1.f : 1.f / sanitize_temperature(temperature);
   MarkovBest mine{-INFINITY, 0.f, 0.f, -1};
   float y[8];
   if (active) {
@@ -328,7 +336,7 @@ __device__ __forceinline__ void markov_tile_epilogue(const MarkovParams<T, W>& p
         const int j = 4 * half + q;
         if (y[j] == -INFINITY) continue;
         const float bonus = greedy ? 0.f : race_bonus(words.x[q]);
-        const float key = greedy ? y[j] : (y[j] - tile_max) / t + bonus;
+        const float key = greedy ? y[j] : (y[j] - tile_max) * inv_t + bonus;
         if (leads(key, static_cast<int32_t>(v + j), best_key, mine.index)) {
           best_key = key;
           mine.y = y[j];
@@ -339,10 +347,10 @@ __device__ __forceinline__ void markov_tile_epilogue(const MarkovParams<T, W>& p
     }
   }
   mine.max = tile_max;
-  mine = elect16(mine, greedy, t);
+  mine = elect16(mine, greedy, inv_t);
   if (active && seg == 0) {
     // Request b's entry is only ever touched by this thread (row i of every chunk).
-    if (resident != nullptr) resident[b] = combine_leaders(resident[b], mine, greedy, t);
+    if (resident != nullptr) resident[b] = combine_leaders(resident[b], mine, greedy, inv_t);
     else p.leaders[b * p.slots + blockIdx.x] = mine;
   }
 }
