@@ -5,6 +5,7 @@
 # make emulate       — the CUDA kernels run on the CPU (include/dspark/emulate) under
 #                      AddressSanitizer + UndefinedBehaviorSanitizer: C++ test + pytest
 # make emulate-tsan  — the same under ThreadSanitizer
+# make sass-report   — SASS instructions per element of the CUDA kernels' loops (no GPU)
 # All create .venv and install what they need on a fresh machine.
 #
 # Variables: CPU_ONLY=1 skips the CUDA compile (quick iteration); PYTHON picks the
@@ -23,7 +24,7 @@ SOURCES := $(shell find csrc include -type f) setup.py
 STAMP := $(VENV)/.dspark-build-cpu$(CPU_ONLY)
 COMMA := ,
 
-.PHONY: demo test build venv ctest pytest bench bench-cpu gpu-check clean emulate emulate-tsan
+.PHONY: demo test build venv ctest pytest bench bench-cpu gpu-check clean emulate emulate-tsan sass-report
 
 demo: $(STAMP)
 	$(PY) -m dspark_ext.demo
@@ -94,6 +95,11 @@ bench-cpu: $(STAMP)
 
 gpu-check:
 	bash bench/gpu_check.sh
+
+# Registers, stack and SASS instructions per element of the kernels' loops (no GPU needed;
+# the CUDA build). SASS_ARGS=--check makes a missed budget an error.
+sass-report: $(STAMP)
+	$(PY) bench/sass_report.py $(SASS_ARGS)
 
 clean:
 	rm -rf build dspark_ext/*.so *.egg-info $(VENV)/.dspark-build-cpu*

@@ -235,7 +235,7 @@ __global__ void __launch_bounds__(kVerifyThreads, 2) verify_rows_kernel(const T*
   ArgMax race{-INFINITY, -1};
   RandomRow random(seed, kStreamResample, static_cast<uint32_t>(length), round_offset);
   const bool race_now = bonus && !filtered;
-  for_each_element(target_row, p.vocab, [&](int64_t v, float raw) {
+  for_each_element(target_row, p.vocab, [&](int64_t v, float raw) {  // sass budget: plain row pass
     const float x = sanitize_logit(raw);
     if (race_now && x > -INFINITY) {
       const float running_max = fmaxf(target.max, x);
@@ -360,6 +360,7 @@ __global__ void __launch_bounds__(kVerifyThreads, 2) verify_finish_kernel(const 
       }
     };
     if constexpr (kHasDraft) {
+      // sass budget: residual pass (the call below)
       for_each_pair(target_row, draft_logits + (b * p.max_draft + accepted) * p.vocab, p.vocab, visit);
     } else {
       for_each_element(target_row, p.vocab, [&](int64_t v, float raw) { visit(v, raw, 0.f); });

@@ -1,0 +1,228 @@
+"""SASS report of the built extension: per kernel, registers, stack bytes and the
+instruction count of its loops, per element where the loop's element count is known.
+
+    python bench/sass_report.py [--so dspark_ext/_C*.so] [--kernel REGEX] [--all-loops] [--check]
+
+No GPU needed: the cubins are extracted from the extension (cuobjdump -xelf), then
+disassembled with line information (nvdisasm -g -c; the CUDA build passes -lineinfo).
+A loop is a backward branch; it is named by the source line of that branch (the loop's
+`for`) and counted as every instruction between its target label and the branch,
+inner loops and rarely taken paths included: an upper bound of what one iteration
+executes, and exact for a straight-line body. Elements per iteration come from the
+table LOOP_ELEMENTS below (source line -> elements one thread handles per iteration).
+
+--check enforces BUDGETS (instructions per element of named loops in named kernels) and
+exits 1 when one is exceeded. cuobjdump and nvdisasm come from the toolkit or from the
+`triton` package that torch installs (site-packages/triton/backends/nvidia/bin).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (file suffix, text on the loop's `for` line) -> elements per iteration per thread, per
+# element size in bytes (the row loops take 16-byte chunks).
+LOOP_ELEMENTS = [
+    ("reduce.cuh", "for (int64_t first = threadIdx.x", lambda size: 2 * 16 // size),  # for_each_element
+    ("reduce.cuh", "for (int64_t chunk = threadIdx.x", lambda size: 16 // size),  # for_each_pair
+    ("markov.cuh", "for (int64_t chunk0 = 0", lambda size: 8),  # one chunk of 16 requests: 8 ids a thread
+]
+
+# (kernel name prefix, text of the loop's call site, max instructions per element): the
+# budgets of the verify-at-memory-speed work; bench/RESULTS.md says where the kernels stand.
+# A call site is named by a "sass budget: NAME" comment on its line or on the line above.
+BUDGETS = [
+    ("verify_rows_kernel<__nv_bfloat16, false>", "plain row pass", 15.0),
+    ("verify_finish_kernel<__nv_bfloat16, true>", "residual pass", 30.0),
+]
+
+ELEMENT_BYTES = {"float": 4, "__nv_bfloat16": 2, "__half": 2}
+
+
+def tool(name: str) -> str:
+    candidates = [shutil.which(name), os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", name)]
+    try:
+        import triton  # noqa: F401
+
+        candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name))
+    except ImportError:
+        pass
+    for path in candidates:
+        if path and os.path.exists(path):
+            return path
+    raise SystemExit(f"sass_report: {name} not found (CUDA toolkit or the triton package)")
+
+
+def demangle(names: list[str]) -> dict[str, str]:
+    if not names or not shutil.which("c++filt"):
+        return {n: n for n in names}
+    out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
+    return dict(zip(names, (re.sub(r"^void dspark::", "", o) for o in out)))
+
+
+def resource_usage(so: str) -> dict[str, dict]:
+    text = subprocess.run([tool("cuobjdump"), "--dump-resource-usage", so], capture_output=True, text=True).stdout
+    usage, name = {}, None
+    for line in text.splitlines():
+        m = re.search(r"Function (\S+):", line)
+        if m:
+            name = m.group(1)
+            continue
+        m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line)
+        if m and name:
+            usage[name] = dict(zip(("registers", "stack", "shared", "local"), map(int, m.groups())))
+    return usage
+
+
+def parse_functions(sass: str):
+    """Yields (mangled name, instructions) with instructions = [(label or None, file, line,
+    text, call site)]: the innermost source line, and the outermost "inlined at" line (the
+    call in the kernel's own code) or None."""
+    name, body, file, line, site, in_group = None, [], "?", 0, None, False
+    for raw in sass.splitlines():
+        m = re.match(r"^\.text\.(\S+):", raw)
+        if m:
+            if name:
+                yield name, body
+            name, body, file, line, site = m.group(1), [], "?", 0, None
+            continue
+        if name is None:
+            continue
+        m = re.search(r'//## File "([^"]+)", line (\d+)', raw)
+        if m:
+            # nvdisasm -gi writes the innermost frame with its "inlined at" chain, then one
+            # line per outer frame; those outer lines (before the next instruction) are skipped.
+            if in_group:
+                continue
+            file, line = m.group(1), int(m.group(2))
+            sites = re.findall(r'inlined at "([^"]+)", line (\d+)', raw)
+            site = (sites[-1][0], int(sites[-1][1])) if sites else None
+            in_group = bool(sites)
+            continue
+        in_group = False
+        m = re.match(r"^(\.L_x_\d+):", raw)
+        if m:
+            body.append((m.group(1), file, line, None, site))
+            continue
+        m = re.match(r"^\s+/\*[0-9a-f]+\*/\s+(.*?);", raw)
+        if m:
+            body.append((None, file, line, m.group(1).strip(), site))
+    if name:
+        yield name, body
+
+
+def loops(body):
+    """(target index, branch index, file, line, call site) of every backward branch."""
+    labels = {entry[0]: i for i, entry in enumerate(body) if entry[0]}
+    found = []
+    for i, (_, file, line, text, site) in enumerate(body):
+        if text and re.search(r"\bBRA\b", text):
+            m = re.search(r"\((\.L_x_\d+)\)", text)
+            if m and m.group(1) in labels and labels[m.group(1)] <= i:
+                found.append((labels[m.group(1)], i, file, line, site))
+    return found
+
+
+def source_line(file: str, line: int) -> str:
+    try:
+        with open(file) as f:
+            return f.read().splitlines()[line - 1].strip()
+    except (OSError, IndexError):
+        return ""
+
+
+def element_size(kernel: str) -> int | None:
+    m = re.search(r"<([^,>]+)", kernel)
+    return ELEMENT_BYTES.get(m.group(1).strip()) if m else None
+
+
+def analyse(so: str, kernel_filter: str | None, all_loops: bool):
+    rows = []
+    usage = resource_usage(so)
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([tool("cuobjdump"), "-xelf", "all", os.path.abspath(so)], cwd=tmp, capture_output=True)
+        for cubin in sorted(glob.glob(os.path.join(tmp, "*.cubin"))):
+            sass = subprocess.run([tool("nvdisasm"), "-gi", "-c", cubin], capture_output=True, text=True).stdout
+            functions = list(parse_functions(sass))
+            names = demangle([n for n, _ in functions])
+            for mangled, body in functions:
+                kernel = names[mangled]
+                if kernel_filter and not re.search(kernel_filter, kernel):
+                    continue
+                count = sum(1 for entry in body if entry[3])
+                info = usage.get(mangled, {})
+                size = element_size(kernel)
+                base = dict(kernel=kernel, registers=info.get("registers"), stack=info.get("stack"),
+                            instructions=count)
+                found = []
+                for start, end, file, line, site in loops(body):
+                    text = source_line(file, line)
+                    called = "" if site is None else f"{os.path.basename(site[0])}:{site[1]}"
+                    call_text = "" if site is None else source_line(*site)
+                    budget_name = ""
+                    if site is not None:
+                        for text_ in (call_text, source_line(site[0], site[1] - 1)):
+                            m_ = re.search(r"sass budget: ([\w -]+?)(?: \(|$)", text_)
+                            budget_name = budget_name or (m_.group(1).strip() if m_ else "")
+                    n = sum(1 for entry in body[start:end + 1] if entry[3])
+                    per = None
+                    for suffix, pattern, elements in LOOP_ELEMENTS:
+                        if file.endswith(suffix) and pattern in text and size:
+                            per = n / elements(size)
+                    if per is not None or all_loops:
+                        found.append(dict(base, loop=f"{os.path.basename(file)}:{line}", loop_text=text[:48],
+                                          call=called, call_text=call_text.split("//")[0].strip()[:56],
+                                          budget=budget_name, loop_instructions=n, per_element=per))
+                rows.extend(found or [dict(base, loop=None, loop_text="", call="", call_text="",
+                                           loop_instructions=None, per_element=None)])
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    default_so = (glob.glob(os.path.join(REPO, "dspark_ext", "_C*.so")) or [None])[0]
+    parser.add_argument("--so", default=default_so, help="the built extension (default: dspark_ext/_C*.so)")
+    parser.add_argument("--kernel", default=None, help="only kernels whose demangled name matches this regex")
+    parser.add_argument("--all-loops", action="store_true", help="also loops without a known element count")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a budget is exceeded")
+    args = parser.parse_args(argv)
+    if not args.so or not os.path.exists(args.so):
+        raise SystemExit("sass_report: no built extension (make build; the CPU-only build has no SASS)")
+    rows = analyse(args.so, args.kernel, args.all_loops)
+    if not rows:
+        raise SystemExit("sass_report: no CUDA kernels in the extension (built with CPU_ONLY=1?)")
+    print("| kernel | regs | stack B | SASS instr. | loop | called at | loop instr. | instr./element |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        per = "–" if r["per_element"] is None else f"{r['per_element']:.1f}"
+        loop = "–" if r["loop"] is None else r["loop"]
+        call = f"{r['call']} `{r['call_text']}`" if r["call"] else "–"
+        kernel = r["kernel"].split("(")[0]
+        print(f"| {kernel} | {r['registers']} | {r['stack']} | {r['instructions']} | {loop} | {call} | "
+              f"{r['loop_instructions'] if r['loop_instructions'] is not None else '–'} | {per} |")
+    failures = []
+    for prefix, call_text, limit in BUDGETS:  # call_text: the budget's name
+        matched = [r for r in rows if r["kernel"].startswith(prefix) and r.get("budget") == call_text]
+        if not matched and any(r["kernel"].startswith(prefix) for r in rows):
+            failures.append(f"{prefix}: no loop marked `sass budget: {call_text}` found")
+        for r in matched:
+            if r["per_element"] is not None and r["per_element"] > limit:
+                failures.append(f"{r['kernel'].split('(')[0]} {call_text} ({r['call']}): "
+                                f"{r['per_element']:.1f} instructions per element > {limit}")
+    print()
+    print("budgets: " + ("all met" if not failures else "; ".join(failures)))
+    return 1 if failures and args.check else 0
+
+
+
+if __name__ == "__main__":
+    sys.exit(main())
