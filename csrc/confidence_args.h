@@ -6,6 +6,8 @@
 
 #include <optional>
 
+#include "args.h"
+
 namespace dspark {
 
 struct ConfidenceShape {
@@ -15,8 +17,6 @@ struct ConfidenceShape {
   int64_t rank;    // r (0 when w1 is None)
   int64_t vocab;   // Vt (0 when w1 is None)
 };
-
-inline bool is_float_type(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
 
 inline ConfidenceShape check_confidence_args(const at::Tensor& hidden, const at::Tensor& prev_tokens,
                                              const std::optional<at::Tensor>& w1, const at::Tensor& weight,

@@ -7,6 +7,8 @@
 
 #include <optional>
 
+#include "args.h"
+
 namespace dspark {
 
 struct MarkovShape {
@@ -18,28 +20,17 @@ struct MarkovShape {
   int64_t candidates;    // c; 0 = full vocabulary (also when num_candidates >= Vd)
 };
 
-inline void check_markov_vector(const char* op, const at::Tensor& t, const char* name, int64_t length,
-                                at::ScalarType dtype, const at::Device& device) {
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == length, op, ": ", name, " must have shape [", length, "], got ",
-              t.sizes());
-  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.device() == device, op, ": ", name, " must be on ", device, " like backbone_logits, got ",
-              t.device());
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
-}
-
 inline MarkovShape check_markov_args(const char* op, const at::Tensor& backbone_logits, const at::Tensor& anchor,
                                      const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& temperature,
                                      const at::Tensor& seed, const at::Tensor& offset,
                                      const std::optional<at::Tensor>& d2t, std::optional<int64_t> num_candidates) {
-  const auto is_float = [](at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; };
   TORCH_CHECK(backbone_logits.dim() == 3, op, ": backbone_logits must be [B, K, Vd], got ", backbone_logits.sizes());
-  TORCH_CHECK(is_float(backbone_logits.scalar_type()), op,
+  TORCH_CHECK(is_float_type(backbone_logits.scalar_type()), op,
               ": backbone_logits must be float32, bfloat16 or float16, got ", backbone_logits.scalar_type());
   TORCH_CHECK(backbone_logits.is_contiguous(), op, ": backbone_logits must be contiguous");
   TORCH_CHECK(w1.dim() == 2, op, ": w1 must be [Vt, r], got ", w1.sizes());
   TORCH_CHECK(w2.dim() == 2, op, ": w2 must be [Vd, r], got ", w2.sizes());
-  TORCH_CHECK(is_float(w1.scalar_type()), op, ": w1 must be float32, bfloat16 or float16, got ", w1.scalar_type());
+  TORCH_CHECK(is_float_type(w1.scalar_type()), op, ": w1 must be float32, bfloat16 or float16, got ", w1.scalar_type());
   TORCH_CHECK(w2.scalar_type() == w1.scalar_type(), op, ": w2 must have the dtype of w1 (", w1.scalar_type(),
               "), got ", w2.scalar_type());
   MarkovShape shape{backbone_logits.size(0), backbone_logits.size(1), backbone_logits.size(2), w1.size(0),
@@ -57,12 +48,12 @@ inline MarkovShape check_markov_args(const char* op, const at::Tensor& backbone_
   const auto device = backbone_logits.device();
   TORCH_CHECK(w1.device() == device, op, ": w1 must be on ", device, " like backbone_logits, got ", w1.device());
   TORCH_CHECK(w2.device() == device, op, ": w2 must be on ", device, " like backbone_logits, got ", w2.device());
-  check_markov_vector(op, anchor, "anchor", shape.batch, at::kLong, device);
-  check_markov_vector(op, temperature, "temperature", shape.batch, at::kFloat, device);
-  check_markov_vector(op, seed, "seed", shape.batch, at::kLong, device);
-  check_markov_vector(op, offset, "offset", shape.batch, at::kLong, device);
+  check_vector(op, anchor, "anchor", shape.batch, at::kLong, device, "backbone_logits");
+  check_vector(op, temperature, "temperature", shape.batch, at::kFloat, device, "backbone_logits");
+  check_vector(op, seed, "seed", shape.batch, at::kLong, device, "backbone_logits");
+  check_vector(op, offset, "offset", shape.batch, at::kLong, device, "backbone_logits");
   if (d2t.has_value()) {
-    check_markov_vector(op, *d2t, "d2t", shape.draft_vocab, at::kLong, device);
+    check_vector(op, *d2t, "d2t", shape.draft_vocab, at::kLong, device, "backbone_logits");
   } else {
     TORCH_CHECK(shape.draft_vocab == shape.target_vocab, op, ": without d2t the draft vocabulary (Vd = ",
                 shape.draft_vocab, ") must be the target vocabulary (Vt = w1.size(0) = ", shape.target_vocab, ")");

@@ -8,6 +8,8 @@
 
 #include <optional>
 
+#include "args.h"
+
 namespace dspark {
 
 struct VerifyShape {
@@ -16,16 +18,6 @@ struct VerifyShape {
   int64_t vocab;
   int64_t rows;
 };
-
-inline void check_vector(const at::Tensor& t, const char* name, int64_t batch, at::ScalarType dtype,
-                         const at::Device& device) {
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == batch, "verify: ", name, " must have shape [", batch,
-              "] (one per request), got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == dtype, "verify: ", name, " must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.device() == device, "verify: ", name, " must be on ", device, " like target_logits, got ",
-              t.device());
-  TORCH_CHECK(t.is_contiguous(), "verify: ", name, " must be contiguous");
-}
 
 inline VerifyShape check_verify_args(const at::Tensor& target_logits, const at::Tensor& target_offset,
                                      const at::Tensor& draft_tokens,
@@ -63,13 +55,13 @@ inline VerifyShape check_verify_args(const at::Tensor& target_logits, const at::
     TORCH_CHECK(d.device() == device, "verify: draft_logits must be on ", device, ", got ", d.device());
     TORCH_CHECK(d.is_contiguous(), "verify: draft_logits must be contiguous");
   }
-  check_vector(target_offset, "target_offset", shape.batch, at::kLong, device);
-  check_vector(num_draft, "num_draft", shape.batch, at::kInt, device);
-  check_vector(temperature, "temperature", shape.batch, at::kFloat, device);
-  check_vector(seed, "seed", shape.batch, at::kLong, device);
-  check_vector(offset, "offset", shape.batch, at::kLong, device);
-  if (top_k.has_value()) check_vector(*top_k, "top_k", shape.batch, at::kInt, device);
-  if (top_p.has_value()) check_vector(*top_p, "top_p", shape.batch, at::kFloat, device);
+  check_vector("verify", target_offset, "target_offset", shape.batch, at::kLong, device, "target_logits");
+  check_vector("verify", num_draft, "num_draft", shape.batch, at::kInt, device, "target_logits");
+  check_vector("verify", temperature, "temperature", shape.batch, at::kFloat, device, "target_logits");
+  check_vector("verify", seed, "seed", shape.batch, at::kLong, device, "target_logits");
+  check_vector("verify", offset, "offset", shape.batch, at::kLong, device, "target_logits");
+  if (top_k.has_value()) check_vector("verify", *top_k, "top_k", shape.batch, at::kInt, device, "target_logits");
+  if (top_p.has_value()) check_vector("verify", *top_p, "top_p", shape.batch, at::kFloat, device, "target_logits");
   return shape;
 }
 

@@ -76,13 +76,14 @@ void markov_loop(const at::Tensor& backbone_logits, at::Tensor& z_out, const at:
   // The GEMM operands as the reference forms them: float32 copies (W2 converted once per
   // call, W1 only for the B rows a step needs).
   const at::Tensor w2f = w2.to(at::kFloat);
+  // The W1 row of each request's step: the anchor, then the previous token; -1 once dead
+  // (anchors are checked in range before).
   std::vector<int64_t> prev(anchor.data_ptr<int64_t>(), anchor.data_ptr<int64_t>() + s.batch);
-  std::vector<uint8_t> alive(static_cast<size_t>(s.batch), 1);
   at::Tensor rows = at::empty({s.batch}, anchor.options());
 
   for (int64_t k = 0; k < s.steps; ++k) {
     int64_t* row_ids = rows.data_ptr<int64_t>();
-    for (int64_t b = 0; b < s.batch; ++b) row_ids[b] = alive[b] ? prev[b] : 0;  // dead: any row, zeroed below
+    for (int64_t b = 0; b < s.batch; ++b) row_ids[b] = prev[b] >= 0 ? prev[b] : 0;  // dead: any row, zeroed below
     const at::Tensor correction = at::matmul(w2f, w1.index_select(0, rows).to(at::kFloat).t()).contiguous();  // [Vd, B]
     const float* corr = correction.data_ptr<float>();
     const int64_t corr_stride = s.batch;
@@ -95,7 +96,7 @@ void markov_loop(const at::Tensor& backbone_logits, at::Tensor& z_out, const at:
         const T* u_row = u + row * s.draft_vocab;
         T* z_row = z + row * s.draft_vocab;
         const float* corr_col = corr + b;  // element v at corr_col[v * corr_stride]
-        const bool live = alive[b] != 0;
+        const bool live = prev[b] >= 0;
         const int32_t* cand = c > 0 ? candidates.data() + row * c : nullptr;
         const int64_t count = c > 0 ? c : s.draft_vocab;
         // z (kept in `values`), its sanitized float value y and the max, by position in the
@@ -140,7 +141,6 @@ void markov_loop(const at::Tensor& backbone_logits, at::Tensor& z_out, const at:
         if (choice >= 0 && map != nullptr) token = map[choice];
         if (!live) token = -1;
         tokens[row] = token;
-        if (token < 0) alive[b] = 0;
         prev[b] = token;
       }
     });

@@ -96,13 +96,18 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { re
 template <>
 __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 
-// The W1 row of request b at the current step: the anchor at step 0 (if in range), else
-// the previous token as the pick kernel left it; -1 for a dead request.
+// The W1 row of request b's first step: its anchor, or -1 (dead) when out of range.
 template <typename T, typename W>
-__device__ __forceinline__ int64_t markov_row(const MarkovParams<T, W>& p, int64_t b) {
-  if (p.step > 0) return p.prev[b];
+__device__ __forceinline__ int64_t anchor_row(const MarkovParams<T, W>& p, int64_t b) {
   const int64_t a = p.anchor[b];
   return a >= 0 && a < p.target_vocab ? a : -1;
+}
+
+// The W1 row of request b at the current step of the full-mode kernels: the anchor's at
+// step 0, else the previous token as the pick kernel left it; -1 for a dead request.
+template <typename T, typename W>
+__device__ __forceinline__ int64_t markov_row(const MarkovParams<T, W>& p, int64_t b) {
+  return p.step > 0 ? p.prev[b] : anchor_row(p, b);
 }
 
 // ---------------------------------------------------------------- the tile product
@@ -203,7 +208,8 @@ __device__ __forceinline__ void markov_tile_product_simt(const MarkovParams<T, W
 }
 
 // ---------------------------------------------------------------- the race over a tile
-__device__ __forceinline__ float race_bonus(uint32_t word) { return -logf(exponential_from_bits(word)); }
+// -log E of a word: the random part of a race key (race_key_log with a zero logit).
+__device__ __forceinline__ float race_bonus(uint32_t word) { return race_key_log(0.f, word); }
 
 // Leader order: larger key, then smaller index; index -1 loses.
 __device__ __forceinline__ bool leads(float key, int32_t index, float other_key, int32_t other_index) {
@@ -252,21 +258,16 @@ __device__ __forceinline__ MarkovBest elect16(MarkovBest x, bool greedy, float i
   return x;
 }
 
+// 8 ids from v (a multiple of 8) as float: 16-byte chunks of reduce.cuh's load_chunk.
 template <typename T>
 __device__ __forceinline__ void load8(const T* row, int64_t v, int64_t vocab, bool vector_ok, float (&out)[8]) {
-  if (vector_ok && v + 8 <= vocab) {
-    T values[8];
-    static_assert(sizeof(values) % 16 == 0, "8 values are whole 16-byte words");
+  constexpr int kVec = RowChunks<T>::kVec;
 #pragma unroll
-    for (int q = 0; q < static_cast<int>(sizeof(values) / 16); ++q) {
-      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(row + v) + q);
-      memcpy(reinterpret_cast<char*>(values) + 16 * q, &raw, 16);
-    }
+  for (int q = 0; q < 8 / kVec; ++q) {
+    float part[kVec];
+    load_chunk(row, v / kVec + q, vocab, vector_ok && v + 8 <= vocab, part);
 #pragma unroll
-    for (int j = 0; j < 8; ++j) out[j] = to_float(values[j]);
-  } else {
-#pragma unroll
-    for (int j = 0; j < 8; ++j) out[j] = v + j < vocab ? to_float(row[v + j]) : 0.f;
+    for (int e = 0; e < kVec; ++e) out[q * kVec + e] = part[e];
   }
 }
 
@@ -559,8 +560,7 @@ __global__ void __launch_bounds__(kMarkovThreads) markov_candidates_kernel(Marko
   const float temperature = p.temperature[b];
   const bool greedy = !(temperature > 0.f);
   const float t = sanitize_temperature(temperature);
-  const int64_t a = p.anchor[b];
-  int64_t row = a >= 0 && a < p.target_vocab ? a : -1;
+  int64_t row = anchor_row(p, b);
   for (int64_t k = 0; k < p.steps; ++k) {
     const int64_t base = (b * p.steps + k) * c;
     const int32_t* index = p.cand_index + base;
