@@ -54,8 +54,6 @@ class Drafter(Protocol):
 @dataclasses.dataclass
 class GenerationResult:
     tokens: list[list[int]]            # generated ids per request (the prompt excluded)
-    rounds: int = 0                    # target forwards after the prefill
-    target_tokens: int = 0             # tokens the target scored after the prefill
     drafts_verified: int = 0
     drafts_accepted: int = 0
     verified_by_position: list[int] = dataclasses.field(default_factory=list)
@@ -63,6 +61,16 @@ class GenerationResult:
     round_tokens: list[int] = dataclasses.field(default_factory=list)  # tokens scored per round
     seconds: float = 0.0
     cache: object = None               # the target's KV cache at the end (for inspection)
+
+    @property
+    def rounds(self) -> int:
+        """Target forwards after the prefill."""
+        return len(self.round_tokens)
+
+    @property
+    def target_tokens(self) -> int:
+        """Tokens the target scored after the prefill."""
+        return sum(self.round_tokens)
 
     @property
     def acceptance_length(self) -> float:
@@ -121,8 +129,14 @@ class _Batch:
         self.prefill_lengths = lengths
         self.anchor = torch.tensor([p[-1] for p in prompts], dtype=torch.int64, device=self.device)
 
-    def commit(self, out_tokens: torch.Tensor, num_accepted: torch.Tensor, taking: torch.Tensor) -> None:
-        """Append each active request's accepted drafts and emitted token (host side)."""
+    def advance(self, out_tokens: torch.Tensor, num_accepted: torch.Tensor, taking: torch.Tensor
+                ) -> tuple[list[int], list[bool]]:
+        """End of a round: append each active request's accepted drafts and emitted token
+        (host side), make the emitted token the next anchor and advance the random offset.
+        Returns num_accepted and the active flags of the round as host lists."""
+        emitted = out_tokens.gather(1, num_accepted.clamp(min=0).to(torch.int64).unsqueeze(1)).squeeze(1)
+        self.anchor = torch.where(taking, emitted.clamp(min=0), self.anchor)
+        self.offset += 1
         out, acc, take = out_tokens.tolist(), num_accepted.tolist(), taking.tolist()
         for b in range(self.batch):
             if not take[b]:
@@ -135,6 +149,7 @@ class _Batch:
                 if token == self.eos_id or len(self.tokens[b]) >= self.max_new[b]:
                     self.active[b] = False
                     break
+        return acc, take
 
     def active_mask(self) -> torch.Tensor:
         return torch.tensor(self.active, dtype=torch.bool, device=self.device)
@@ -157,12 +172,8 @@ def target_generate(target, prompts: list[list[int]], max_new_tokens, temperatur
         logits, _ = target(state.anchor.unsqueeze(1), active.to(torch.int64), state.cache)
         out, acc = ops.verify(logits[:, 0].float().contiguous(), offsets, no_drafts, None, zero,
                               state.temperature, state.seed, state.offset, state.top_k, state.top_p)
-        state.commit(out, acc, active)
-        state.anchor = torch.where(active, out[:, 0].clamp(min=0), state.anchor)
-        state.offset += 1
-        result.rounds += 1
-        result.target_tokens += int(active.sum())
-        result.round_tokens.append(int(active.sum()))
+        _, taken = state.advance(out, acc, active)
+        result.round_tokens.append(sum(taken))
     result.seconds = time.perf_counter() - began
     result.cache = state.cache
     return result
@@ -239,25 +250,20 @@ def speculative_generate(target, drafter, prompts: list[list[int]], max_new_toke
         index = torch.where(write, feat_len.unsqueeze(1) + positions, torch.full_like(write, cap - 1, dtype=torch.int64))
         features.scatter_(1, index.unsqueeze(-1).expand(-1, -1, features.shape[-1]), new_features.to(features.dtype))
         feat_len = feat_len + keep
-        state.commit(out, acc, active)
-        state.anchor = torch.where(active, out.gather(1, acc.clamp(min=0).to(torch.int64).unsqueeze(1)).squeeze(1)
-                                   .clamp(min=0), state.anchor)
-        state.offset += 1
+        accepted, taken = state.advance(out, acc, active)
         # Statistics (host side).
         if record is not None:
             record.append({"conf_logits": drafter.confidence_logits(h, prev)[active].float().cpu(),
                            "num_draft": num_draft[active].cpu(), "accepted": acc[active].cpu()})
-        lengths, accepted = num_draft.tolist(), acc.tolist()
+        lengths = num_draft.tolist()
         for i in range(b):
-            if not bool(active[i]):
+            if not taken[i]:
                 continue
             result.drafts_verified += lengths[i]
             result.drafts_accepted += accepted[i]
             for k in range(lengths[i]):
                 result.verified_by_position[k] += 1
                 result.accepted_by_position[k] += int(k < accepted[i])
-        result.rounds += 1
-        result.target_tokens += int(num_new.sum())
         result.round_tokens.append(int(num_new.sum()))
     result.seconds = time.perf_counter() - began
     result.cache = state.cache

@@ -36,6 +36,7 @@ from .models import train
 from .models.drafter import DrafterConfig, DSparkDrafter
 from .models.target import TargetConfig, TinyLM
 from .scheduler import CostProfile, LoadAwareScheduler
+from .stats import chi_square_p
 
 CACHE_VERSION = "v2"
 VOCAB = 2048
@@ -117,30 +118,6 @@ def held_out_prompts(ids: torch.Tensor, count: int, length: int, seed: int) -> l
 
 
 # ---------------------------------------------------------------------------- measurements
-def chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Pearson chi-square p-value, bins with expectation < 5 pooled."""
-    from scipy.stats import chi2
-
-    expected = probs.double() * float(counts.sum())
-    keep = expected >= 5
-    obs = torch.cat([counts.double()[keep], counts.double()[~keep].sum().view(1)])
-    exp = torch.cat([expected[keep], expected[~keep].sum().view(1)])
-    if float(exp[-1]) < 5:
-        obs, exp = obs[:-1], exp[:-1]
-        scale = exp.sum() / obs.sum()
-        obs = obs * scale
-    stat = float(((obs - exp) ** 2 / exp).sum())
-    return float(chi2.sf(stat, max(1, len(obs) - 1)))
-
-
-def survival_ece(conf_logits, num_draft, accepted, temperatures=None) -> float:
-    survival = sts.survival_from_logits(conf_logits, temperatures)
-    k = torch.arange(conf_logits.shape[1]).unsqueeze(0)
-    labels = (k < accepted.unsqueeze(1)).double()
-    known = (k < num_draft.unsqueeze(1)).double()
-    return float(sts.expected_calibration_error(survival.reshape(-1), labels.reshape(-1), weight=known.reshape(-1)))
-
-
 def tokens_per_cost(result: decode.GenerationResult, profile: CostProfile) -> float:
     cost = sum(float(profile(n)) for n in result.round_tokens)
     return result.generated / cost
@@ -185,8 +162,9 @@ def run(args) -> dict:
     half = logits.shape[0] // 2
     temps = sts.fit_sts(logits[:half], accepted[:half], num_verified=num_draft[:half])
     results["sts_temperatures"] = [round(float(t), 4) for t in temps]
-    results["sts_ece_before"] = survival_ece(logits[half:], num_draft[half:], accepted[half:])
-    results["sts_ece_after"] = survival_ece(logits[half:], num_draft[half:], accepted[half:], temps)
+    eval_rounds = dict(conf_logits=logits[half:], accepted_len=accepted[half:], num_verified=num_draft[half:])
+    results["sts_ece_before"] = float(sts.survival_ece(**eval_rounds))
+    results["sts_ece_after"] = float(sts.survival_ece(**eval_rounds, temperatures=temps))
     for name, res in (("markov", with_markov), ("no_markov", without)):
         results[f"acceptance_length_{name}"] = res.drafts_accepted / max(1, res.verified_by_position[0])
         results.setdefault("acceptance_by_position", {})[name] = [

@@ -50,6 +50,7 @@ __all__ = [
     "DEFAULT_NUM_BINS",
     "default_grid",
     "survival_from_logits",
+    "survival_ece",
     "expected_calibration_error",
     "fit_sts",
     "save_sts",
@@ -225,6 +226,22 @@ def fit_sts(conf_logits: torch.Tensor, accepted_len: torch.Tensor, num_bins: int
         temperatures[k] = grid[choice]
         prefix = prefix * torch.sigmoid(logits[:, k] / grid[choice].to(torch.float64))
     return temperatures
+
+
+def survival_ece(conf_logits: torch.Tensor, accepted_len: torch.Tensor, temperatures: torch.Tensor | None = None,
+                 num_verified: torch.Tensor | None = None, num_bins: int = DEFAULT_NUM_BINS) -> torch.Tensor:
+    """ECE of survival over every known (round, position) pair of held-out rounds: the
+    survival ``a[n, k]`` (``survival_from_logits(conf_logits, temperatures)``) against the
+    outcome ``accepted_len[n] > k``, positions k >= num_verified[n] ignored (the labels
+    and censoring of ``fit_sts``). Returns a float64 0-d tensor."""
+    _check_fit_args(conf_logits, accepted_len, num_verified)
+    max_draft = conf_logits.shape[1]
+    survival = survival_from_logits(conf_logits, temperatures)
+    positions = torch.arange(max_draft, device=conf_logits.device).unsqueeze(0)
+    labels = accepted_len.to(torch.int64).unsqueeze(1) > positions
+    known = _known_mask(accepted_len, num_verified, max_draft)
+    return expected_calibration_error(survival.reshape(-1), labels.reshape(-1), num_bins,
+                                      weight=None if known is None else known.reshape(-1))
 
 
 def save_sts(path: str | os.PathLike, temperatures: torch.Tensor | list[float], **metadata) -> None:

@@ -12,6 +12,7 @@ from dspark_ext import decode
 from dspark_ext.models.drafter import DrafterConfig, DSparkDrafter
 from dspark_ext.models.target import TargetConfig, TinyLM
 from dspark_ext.scheduler import CostProfile, LoadAwareScheduler
+from dspark_ext.stats import chi_square_p
 
 ALPHA = 1e-3
 
@@ -69,21 +70,6 @@ def test_greedy_identical_to_target_and_caches_agree(markov):
         torch.testing.assert_close(spec.cache.values[:, b, :, :length], plain.cache.values[:, b, :, :length])
 
 
-def _chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    from scipy.stats import chi2
-
-    expected = probs.double() * float(counts.sum())
-    keep = expected >= 5
-    obs = torch.cat([counts.double()[keep], counts.double()[~keep].sum().view(1)])
-    exp = torch.cat([expected[keep], expected[~keep].sum().view(1)])
-    if float(exp[-1]) < 5:  # merge the small bins into the smallest kept one
-        obs, exp = obs[:-1].clone(), exp[:-1].clone()
-        obs[exp.argmin()] += counts.double()[~keep].sum()
-        exp[exp.argmin()] += expected[~keep].sum()
-    stat = float(((obs - exp) ** 2 / exp).sum())
-    return float(chi2.sf(stat, len(obs) - 1))
-
-
 @torch.no_grad()
 def _target_pair_probs(target, prompt, temperature, top_k=None):
     """Exact joint distribution of the first two sampled tokens under the target alone."""
@@ -112,7 +98,7 @@ def test_lossless_first_two_tokens(top_k):
                                          seed=list(range(n)))
     pairs = torch.tensor([t[0] * vocab + t[1] for t in result.tokens])
     probs = _target_pair_probs(target, prompt, temp, top_k)
-    p = _chi_square_p(torch.bincount(pairs, minlength=vocab * vocab), probs)
+    p = chi_square_p(torch.bincount(pairs, minlength=vocab * vocab), probs)
     rate = result.drafts_accepted / result.drafts_verified
     print(f"\n[loop lossless top_k={top_k}] p = {p:.4f}, draft acceptance {rate:.3f}")
     assert 0.1 < rate < 0.95, "the test needs a mix of accepted and rejected drafts"

@@ -22,6 +22,7 @@ import torch
 
 import emulation
 from dspark_ext import ops, reference
+from dspark_ext.stats import chi_square_p
 
 ALPHA = 1e-3  # significance level of the chi-square tests
 SAMPLING_AGREEMENT = 0.999
@@ -150,29 +151,6 @@ def test_parity_many_requests(device, num_candidates):
     assert agree >= SAMPLING_AGREEMENT
 
 
-def _chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """p-value of Pearson's chi-square of counts against probs (bins with expectation < 5 merged)."""
-    from scipy.stats import chi2
-
-    total = float(counts.sum())
-    expected = probs.double() * total
-    order = torch.argsort(expected, descending=True)
-    obs, exp = [], []
-    acc_o, acc_e = 0.0, 0.0
-    for i in order.tolist():
-        acc_o += float(counts[i])
-        acc_e += float(expected[i])
-        if acc_e >= 5:
-            obs.append(acc_o)
-            exp.append(acc_e)
-            acc_o, acc_e = 0.0, 0.0
-    if acc_e > 0 and exp:
-        obs[-1] += acc_o
-        exp[-1] += acc_e
-    stat = sum((o - e) ** 2 / e for o, e in zip(obs, exp))
-    return float(chi2.sf(stat, max(len(obs) - 1, 1)))
-
-
 @pytest.mark.no_emulation("statistical: 30000 requests")
 @pytest.mark.parametrize("num_candidates", [None, 6])
 def test_step_distributions_chi_square(device, num_candidates):
@@ -193,13 +171,13 @@ def test_step_distributions_chi_square(device, num_candidates):
     p_values = []
     # Step 0: every request has the same z_0.
     probs0 = torch.softmax(z[0, 0].float() / temp, dim=0)
-    p_values.append(_chi_square_p(torch.bincount(tokens[:, 0], minlength=vocab), probs0))
+    p_values.append(chi_square_p(torch.bincount(tokens[:, 0], minlength=vocab), probs0))
     # Step 1, given x_0 = t (z_1 depends on it): the three most frequent t.
     for t in torch.bincount(tokens[:, 0], minlength=vocab).argsort(descending=True)[:3].tolist():
         rows = (tokens[:, 0] == t).nonzero().flatten()
         probs1 = torch.softmax(z[rows[0], 1].float() / temp, dim=0)
         assert torch.equal(z[rows, 1], z[rows[0], 1].expand(len(rows), -1)), "z_1 depends only on x_0"
-        p_values.append(_chi_square_p(torch.bincount(tokens[rows, 1], minlength=vocab), probs1))
+        p_values.append(chi_square_p(torch.bincount(tokens[rows, 1], minlength=vocab), probs1))
     if num_candidates is not None:
         assert int((z[0, 0] > -math.inf).sum()) == num_candidates
         assert bool((probs0[z[0, 0] == -math.inf] == 0).all())
@@ -234,7 +212,7 @@ def test_lossless_through_verify(device, num_candidates):
                                seeds.to(device) + 1, offsets.to(device), None, None)
     first = out[:, 0].cpu()
     probs = torch.softmax(target_rows[0] / temp, dim=0)
-    p = _chi_square_p(torch.bincount(first, minlength=vocab), probs)
+    p = chi_square_p(torch.bincount(first, minlength=vocab), probs)
     rate = float(accepted.float().mean())
     print(f"\n[markov -> verify {device} c={num_candidates}] p = {p:.4f}, mean accepted {rate:.3f}")
     assert rate > 0.2, "the test needs some accepted drafts to mean anything"

@@ -113,6 +113,30 @@ def test_ece_batched_and_weighted():
     assert float(weighted) == pytest.approx(float(subset), abs=1e-12)
 
 
+def test_survival_ece_pools_known_positions():
+    """survival_ece = the ECE of all (round, position) survivals against accepted_len > k,
+    censored positions (k >= num_verified) left out."""
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(200, 5, generator=gen)
+    accepted = torch.randint(0, 6, (200,), generator=gen)
+    verified = torch.randint(0, 6, (200,), generator=gen)
+    temps = torch.tensor([0.5, 1.0, 2.0, 1.5, 0.8])
+    survival = torch.cumprod(torch.sigmoid(logits / temps), dim=1)
+    k = torch.arange(5)
+    labels = accepted.unsqueeze(1) > k
+    known = k < verified.unsqueeze(1)
+    expected = sts.expected_calibration_error(survival[known], labels[known])
+    got = sts.survival_ece(logits, accepted, temps, verified)
+    assert float(got) == pytest.approx(float(expected), abs=1e-6)
+    # A censored position's logit does not matter.
+    poked = logits.clone()
+    poked[~known] = 50.0
+    assert float(sts.survival_ece(poked, accepted, temps, verified)) == pytest.approx(float(got), abs=1e-12)
+    # Without num_verified every position counts.
+    everything = sts.expected_calibration_error(survival.reshape(-1), labels.reshape(-1))
+    assert float(sts.survival_ece(logits, accepted, temps)) == pytest.approx(float(everything), abs=1e-6)
+
+
 # --------------------------------------------------------------------------- fit_sts
 def test_fit_sts_calibrates_synthetic_data(data):
     (logits, accepted_len, _), (held_logits, held_len, _) = data

@@ -17,10 +17,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from scipy import stats
 
 from dspark_ext import ops
 from dspark_ext import reference as R
+from dspark_ext.stats import chi_square_p
 
 import emulation
 from test_reference import py_word
@@ -264,24 +264,7 @@ def chi2_pvalue(tokens: torch.Tensor, probs: np.ndarray) -> float:
     tokens = tokens.numpy()
     vocab = probs.shape[0]
     assert tokens.min() >= 0 and tokens.max() < vocab, "emitted an id outside [0, V)"
-    counts = np.bincount(tokens, minlength=vocab).astype(np.float64)
-    zero = probs <= 0
-    assert counts[zero].sum() == 0, f"tokens with probability 0 were emitted: {np.nonzero(zero & (counts > 0))[0]}"
-    n = counts.sum()
-    obs, exp = counts[~zero], probs[~zero] * n
-    small = exp < MIN_EXPECTED
-    if small.any():
-        obs = np.append(obs[~small], obs[small].sum())
-        exp = np.append(exp[~small], exp[small].sum())
-        if exp[-1] < MIN_EXPECTED and len(exp) > 2:  # still too small: merge into the smallest other bin
-            i = int(np.argmin(exp[:-1]))
-            obs[i] += obs[-1]
-            exp[i] += exp[-1]
-            obs, exp = obs[:-1], exp[:-1]
-    if len(exp) < 2:
-        return 1.0
-    stat = float(((obs - exp) ** 2 / exp).sum())
-    return float(stats.chi2.sf(stat, len(exp) - 1))
+    return chi_square_p(np.bincount(tokens, minlength=vocab), probs, MIN_EXPECTED)
 
 
 @dataclasses.dataclass(frozen=True)
