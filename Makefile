@@ -41,8 +41,11 @@ $(VENV)/.deps: requirements-dev.txt
 build: $(STAMP)
 $(STAMP): $(VENV)/.deps $(SOURCES)
 	rm -f $(VENV)/.dspark-build-cpu*
-	$(BUILD_ENV) $(PY) -m pip install --no-build-isolation --no-deps -e . 2>&1 | tail -n 25
-	$(PY) -c "import torch, dspark_ext; print('dspark_ext built; CUDA kernel registered:', torch._C._dispatch_has_kernel_for_dispatch_key('dspark::verify', 'CUDA'))"
+	mkdir -p build
+	$(BUILD_ENV) $(PY) -m pip install --no-build-isolation --no-deps -e . > build/pip-build.log 2>&1 \
+		|| (grep -A8 -m8 -E ": error|fatal error" build/pip-build.log | head -n 150; echo "build failed: build/pip-build.log"; exit 1)
+	$(PY) -c "import torch, dspark_ext; cuda = torch._C._dispatch_has_kernel_for_dispatch_key('dspark::verify', 'CUDA'); \
+		print('dspark_ext built; CUDA kernel registered:', cuda); assert cuda or '$(CPU_ONLY)' == '1' or not '$(CUDA_HOME)', 'CUDA kernels missing though CUDA_HOME is set'"
 	touch $@
 
 # CMake builds the C++ test of include/dspark/math.h and the same library as setup.py

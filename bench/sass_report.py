@@ -33,17 +33,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # element size in bytes (the row loops take 16-byte chunks).
 LOOP_ELEMENTS = [
     ("reduce.cuh", "for (int64_t first = threadIdx.x", lambda size: 2 * 16 // size),  # for_each_element
-    ("reduce.cuh", "for (int64_t chunk = threadIdx.x", lambda size: 16 // size),  # for_each_pair
     ("markov.cuh", "for (int64_t chunk0 = 0", lambda size: 8),  # one chunk of 16 requests: 8 ids a thread
 ]
 
-# (kernel name prefix, text of the loop's call site, max instructions per element): the
-# budgets of the verify-at-memory-speed work; bench/RESULTS.md says where the kernels stand.
+# (kernel name prefix, budget name, max instructions per element): the budgets of the
+# verify-at-memory-speed work; bench/RESULTS.md says where the kernels stand.
 # A call site is named by a "sass budget: NAME" comment on its line or on the line above.
+# A loop called there is counted per iteration (LOOP_ELEMENTS); straight-line code (the
+# slice passes, whose loops are unrolled) is counted whole: every instruction whose
+# outermost source line (the call in the kernel, through -lineinfo's inline chain) is the
+# marked call, over the "(N elements a thread)" the comment states.
 BUDGETS = [
-    ("verify_rows_kernel<__nv_bfloat16, false>", "plain row pass", 15.0),
+    ("verify_slices_kernel<__nv_bfloat16, false>", "plain row pass", 15.0),
     ("verify_finish_kernel<__nv_bfloat16, true>", "residual pass", 30.0),
 ]
+BUDGET_MARK = re.compile(r"sass budget: ([\w -]+?)(?: \((\d+) elements a thread\))?(?: \(|$)")
 
 ELEMENT_BYTES = {"float": 4, "__nv_bfloat16": 2, "__half": 2}
 
@@ -99,14 +103,16 @@ def parse_functions(sass: str):
             continue
         m = re.search(r'//## File "([^"]+)", line (\d+)', raw)
         if m:
-            # nvdisasm -gi writes the innermost frame with its "inlined at" chain, then one
-            # line per outer frame; those outer lines (before the next instruction) are skipped.
-            if in_group:
-                continue
-            file, line = m.group(1), int(m.group(2))
+            # nvdisasm -gi writes the innermost frame ("A inlined at B"), then one line per
+            # outer frame ("B inlined at C", ..., "Z"): the last line is the outermost frame,
+            # the call in the kernel's own code.
             sites = re.findall(r'inlined at "([^"]+)", line (\d+)', raw)
-            site = (sites[-1][0], int(sites[-1][1])) if sites else None
-            in_group = bool(sites)
+            if in_group:
+                site = (sites[-1][0], int(sites[-1][1])) if sites else (m.group(1), int(m.group(2)))
+            else:
+                file, line = m.group(1), int(m.group(2))
+                site = (sites[-1][0], int(sites[-1][1])) if sites else None
+            in_group = True
             continue
         in_group = False
         m = re.match(r"^(\.L_x_\d+):", raw)
@@ -140,6 +146,15 @@ def source_line(file: str, line: int) -> str:
         return ""
 
 
+def budget_mark(file: str, line: int) -> tuple[str, int | None] | None:
+    """(name, elements a thread or None) of a "sass budget:" comment on the line or above."""
+    for text in (source_line(file, line), source_line(file, line - 1)):
+        m = BUDGET_MARK.search(text)
+        if m:
+            return m.group(1).strip(), int(m.group(2)) if m.group(2) else None
+    return None
+
+
 def element_size(kernel: str) -> int | None:
     m = re.search(r"<([^,>]+)", kernel)
     return ELEMENT_BYTES.get(m.group(1).strip()) if m else None
@@ -170,9 +185,7 @@ def analyse(so: str, kernel_filter: str | None, all_loops: bool):
                     call_text = "" if site is None else source_line(*site)
                     budget_name = ""
                     if site is not None:
-                        for text_ in (call_text, source_line(site[0], site[1] - 1)):
-                            m_ = re.search(r"sass budget: ([\w -]+?)(?: \(|$)", text_)
-                            budget_name = budget_name or (m_.group(1).strip() if m_ else "")
+                        budget_name = (budget_mark(*site) or ("", None))[0]
                     n = sum(1 for entry in body[start:end + 1] if entry[3])
                     per = None
                     for suffix, pattern, elements in LOOP_ELEMENTS:
@@ -182,6 +195,19 @@ def analyse(so: str, kernel_filter: str | None, all_loops: bool):
                         found.append(dict(base, loop=f"{os.path.basename(file)}:{line}", loop_text=text[:48],
                                           call=called, call_text=call_text.split("//")[0].strip()[:56],
                                           budget=budget_name, loop_instructions=n, per_element=per))
+                # Straight-line call sites marked with an element count.
+                marked: dict[tuple, int] = {}
+                for _, file, line, text, site in body:
+                    if text:
+                        where = site or (file, line)
+                        marked[where] = marked.get(where, 0) + 1
+                for where, n in sorted(marked.items()):
+                    mark = budget_mark(*where)
+                    if mark and mark[1]:
+                        found.append(dict(base, loop="(straight line)", loop_text="",
+                                          call=f"{os.path.basename(where[0])}:{where[1]}",
+                                          call_text=source_line(*where).split("//")[0].strip()[:56],
+                                          budget=mark[0], loop_instructions=n, per_element=n / mark[1]))
                 rows.extend(found or [dict(base, loop=None, loop_text="", call="", call_text="",
                                            loop_instructions=None, per_element=None)])
     return rows

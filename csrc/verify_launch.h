@@ -14,15 +14,16 @@ namespace dspark {
 template <typename T, typename Launch>
 void launch_verify_kernels(const T* target, const std::optional<at::Tensor>& draft_logits, const VerifyParams& params,
                            Launch&& launch) {
-  const dim3 row_grid(static_cast<unsigned>(params.batch), static_cast<unsigned>(params.max_draft + 1));
-  const dim3 finish_grid(static_cast<unsigned>(params.batch));
+  const unsigned batch = static_cast<unsigned>(params.batch), slices = static_cast<unsigned>(params.slices);
+  const dim3 slice_grid(batch, slices, static_cast<unsigned>(params.max_draft + 1));
+  const dim3 finish_grid(batch, slices);
   const dim3 block(kVerifyThreads);
   if (draft_logits.has_value()) {
     const T* draft = reinterpret_cast<const T*>(draft_logits->data_ptr());
-    launch("verify_rows_kernel", verify_rows_kernel<T, true>, row_grid, block, target, draft, params);
+    launch("verify_slices_kernel", verify_slices_kernel<T, true>, slice_grid, block, target, draft, params);
     launch("verify_finish_kernel", verify_finish_kernel<T, true>, finish_grid, block, target, draft, params);
   } else {
-    launch("verify_rows_kernel", verify_rows_kernel<T, false>, row_grid, block, target, nullptr, params);
+    launch("verify_slices_kernel", verify_slices_kernel<T, false>, slice_grid, block, target, nullptr, params);
     launch("verify_finish_kernel", verify_finish_kernel<T, false>, finish_grid, block, target, nullptr, params);
   }
 }
@@ -37,13 +38,19 @@ std::tuple<at::Tensor, at::Tensor> run_verify_on_device(
                                               temperature, seed, offset, top_k, top_p);
   TORCH_CHECK(shape.batch < (int64_t{1} << 31), "verify: batch size must be below 2^31");
   TORCH_CHECK(shape.max_draft + 1 <= 65535, "verify: draft_tokens K must be below 65535 on CUDA");
+  const int64_t slices = (shape.vocab + kVerifySlice - 1) / kVerifySlice;
+  TORCH_CHECK(slices <= 65535, "verify: vocabulary size ", shape.vocab, " is above the CUDA limit ",
+              int64_t{65535} * kVerifySlice);
   auto out_tokens = at::empty({shape.batch, shape.max_draft + 1}, draft_tokens.options());
   auto num_accepted = at::empty({shape.batch}, num_draft.options());
   if (shape.batch == 0) return {out_tokens, num_accepted};
-  // Row statistics passed from the first launch to the second (caching allocator:
-  // no cudaMalloc in steady state, capturable in a CUDA graph).
-  auto workspace = at::empty({shape.batch * (shape.max_draft + 1) * static_cast<int64_t>(sizeof(VerifyRowStats))},
+  // Partials passed from the first launch to the second, one allocation (caching
+  // allocator: no cudaMalloc in steady state, capturable in a CUDA graph).
+  const int64_t partial_bytes = shape.batch * (shape.max_draft + 1) * slices * int64_t{sizeof(VerifyPartial)};
+  const int64_t residual_bytes = shape.batch * slices * int64_t{sizeof(ResidualPartial)};
+  auto workspace = at::empty({partial_bytes + residual_bytes + shape.batch * int64_t{sizeof(uint32_t)}},
                              target_logits.options().dtype(at::kByte));
+  uint8_t* bytes = workspace.data_ptr<uint8_t>();
 
   VerifyParams params;
   params.target_offset = target_offset.data_ptr<int64_t>();
@@ -56,7 +63,10 @@ std::tuple<at::Tensor, at::Tensor> run_verify_on_device(
   params.top_p = top_p.has_value() ? top_p->data_ptr<float>() : nullptr;
   params.out_tokens = out_tokens.data_ptr<int64_t>();
   params.num_accepted = num_accepted.data_ptr<int32_t>();
-  params.stats = reinterpret_cast<VerifyRowStats*>(workspace.data_ptr());
+  params.partials = reinterpret_cast<VerifyPartial*>(bytes);
+  params.residuals = reinterpret_cast<ResidualPartial*>(bytes + partial_bytes);
+  params.finished = reinterpret_cast<uint32_t*>(bytes + partial_bytes + residual_bytes);
+  params.slices = static_cast<int32_t>(slices);
   params.batch = shape.batch;
   params.max_draft = shape.max_draft;
   params.vocab = shape.vocab;

@@ -7,13 +7,23 @@ so the reference stays usable at real vocabulary sizes.
 
 Conventions shared by all ops (DESIGN.md, "Common rules"):
 
-* logits are read as float32; NaN counts as -inf, +inf and |x| > FLT_MAX/2 are clamped
-  to +-FLT_MAX/2; temperature +inf is clamped to FLT_MAX;
-* at temperature T the distribution is softmax(x / T), computed as exp((x - max) / T);
+* logits are read as float32; NaN counts as -inf, +inf and x > FLT_MAX/2 are clamped to
+  FLT_MAX/2; temperature +inf is clamped to FLT_MAX;
+* at temperature T the distribution is softmax(x / T). verify computes it in base 2, with
+  cheap per-element arithmetic that the kernels can follow at memory speed: per row the
+  scale s = log2(e) / T (float32, rounded once, at most FLT_MAX), per token the weight
+  w = exp2((x - max) * s), the row's mass S = sum w and its reciprocal once, p = w * (1 / S);
+  markov_draft still uses exp((x - max) / T);
 * temperature <= 0 (or NaN) means greedy: argmax, ties to the smallest index;
-* sampling is an exponential race: argmax_v ((x_v - max) / T - log E_v) for logits x, or
-  argmax_v (r_v / E_v) for a weight vector r, with E_v from ``exponential``;
+* sampling is an exponential race. verify: argmax_v (w_v / E'_v) over a weight vector w
+  (exp2 weights, or the residual), E' = -log2(u) from ``exponential2``; markov_draft:
+  argmax_v ((x_v - max) / T - log E_v), E = -log(u) from ``exponential``;
 * a distribution with no mass emits the token -1.
+
+The CUDA kernels compute exp2, log2 and reciprocals with the GPU's approximate
+instructions (relative error about 2^-22) and sum in their own order, so they choose the
+same tokens as this spec except, rarely, where two keys or an acceptance test fall
+within such an error of each other; tests measure the agreement.
 """
 
 from __future__ import annotations
@@ -28,6 +38,8 @@ __all__ = [
     "random_words",
     "acceptance_uniform",
     "exponential",
+    "exponential2",
+    "exp2_scale",
     "sanitize",
     "sanitize_temperature",
     "filter_mask",
@@ -122,16 +134,36 @@ def exponential(words: torch.Tensor) -> torch.Tensor:
     return torch.where(low, -torch.log(w), -torch.log1p(-w))
 
 
+def exponential2(words: torch.Tensor) -> torch.Tensor:
+    """E' = E / ln 2 = -log2(u), the standard exponential in base-2 units (verify's races),
+    float32 from 32-bit words, never 0 or inf: E' in [1.68e-10, 33].
+
+    For x < 2^31: u = float(x) * 2^-32 + 2^-33 (the product is exact, so one rounding),
+    E' = -log2(u). For x >= 2^31 the complement c = 2^32 - 1 - x keeps E' near 0 precise:
+    w = float(c) * 2^-32 + 2^-33, E' = -log1p(-w) * float32(log2(e)).
+    """
+    low = words < 0x80000000
+    comp = torch.where(low, words, _MASK32 - words)
+    f = comp.to(torch.float32) * 2.0**-32 + 2.0**-33
+    return torch.where(low, -torch.log2(f), -torch.log1p(-f) * LOG2E)
+
+
 LOGIT_LIMIT = _FLT_MAX / 2
+LOG2E = torch.tensor(1.4426950408889634, dtype=torch.float32).item()
+
+
+def exp2_scale(temperature: torch.Tensor) -> torch.Tensor:
+    """Per-row scale s = log2(e) / T in float32 (T > 0), at most FLT_MAX."""
+    s = torch.tensor(LOG2E, dtype=torch.float32, device=temperature.device) / temperature.float()
+    return torch.clamp(s, max=_FLT_MAX)
 
 
 def sanitize(logits: torch.Tensor) -> torch.Tensor:
-    """float32 copy with NaN -> -inf, and +inf and finite values beyond +-FLT_MAX/2 clamped
-    to +-FLT_MAX/2 (-inf stays): x - max is then always finite or -inf."""
+    """float32 copy with NaN -> -inf, and +inf and values above FLT_MAX/2 clamped to
+    FLT_MAX/2: x - max is then never NaN."""
     y = logits.float()
     y = torch.where(torch.isnan(y), torch.full_like(y, -float("inf")), y)
-    clamped = torch.clamp(y, min=-LOGIT_LIMIT, max=LOGIT_LIMIT)
-    return torch.where(y == -float("inf"), y, clamped)
+    return torch.clamp(y, max=LOGIT_LIMIT)
 
 
 def sanitize_temperature(temperature):
@@ -150,7 +182,8 @@ def filter_mask(x: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor
     int, top_p [N] float, or None. The token probabilities are softmax(x / T).
 
     top-k keeps v iff fewer than k tokens have a strictly larger logit (ties at the
-    boundary are all kept); k <= 0 or k >= V means off. top-p then keeps v iff the
+    boundary are all kept); k <= 0 or k >= V means off. top-p (masses exp2((x - m) * s),
+    s = exp2_scale(T)) then keeps v iff the
     probability mass, within the top-k set, of the tokens strictly more likely than v is
     below top_p times the mass of the set; the most likely tokens are always kept and
     top_p >= 1 (or NaN) means off. Both are thresholds: the mask is x >= tau per row.
@@ -173,7 +206,8 @@ def filter_mask(x: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor
         temp = torch.ones(n, device=x.device) if temperature is None else temperature.float()
         m = sorted_x[:, :1]
         in_set = (sorted_x >= tau.unsqueeze(1)) & (sorted_x > -float("inf"))
-        q = torch.where(in_set, torch.exp((sorted_x - m) / temp.unsqueeze(1)), torch.zeros_like(sorted_x))
+        q = torch.where(in_set, torch.exp2((sorted_x - m) * exp2_scale(temp).unsqueeze(1)),
+                        torch.zeros_like(sorted_x))
         total = q.sum(dim=1)
         mass_before = torch.cumsum(q, dim=1) - q  # mass of the entries sorted before
         below = (mass_before < (p * total).unsqueeze(1)) & in_set
@@ -200,11 +234,21 @@ def relative_logits(x: torch.Tensor, keep: torch.Tensor, temperature: torch.Tens
     return torch.where(keep, rel, torch.full_like(rel, -float("inf")))
 
 
-def _probabilities(x: torch.Tensor, keep: torch.Tensor, temperature) -> torch.Tensor:
-    """p_v = exp((x_v - m) / T) / S over the kept tokens, S their sum; all 0 if none kept."""
-    q = torch.where(keep, torch.exp(relative_logits(x, keep, temperature)), torch.zeros_like(x))
-    total = q.sum(dim=1, keepdim=True)
-    return torch.where(total > 0, q / total.clamp(min=torch.finfo(torch.float32).tiny), torch.zeros_like(q))
+def exp2_weights(x: torch.Tensor, keep: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """w_v = exp2((x_v - m) * s) over the kept tokens (0 elsewhere), m the row max over kept
+    (0 if none), s [N] the per-row exp2_scale. The max has weight 1, so a row with a kept
+    token has mass >= 1; several +inf logits (sanitized to FLT_MAX/2) tie at weight 1."""
+    m = torch.where(keep, x, torch.full_like(x, -float("inf"))).amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w = torch.exp2((x - m) * scale.reshape(-1, 1))
+    return torch.where(keep, w, torch.zeros_like(w))
+
+
+def _probabilities(weights: torch.Tensor) -> torch.Tensor:
+    """p_v = w_v * (1 / S), S the row's mass, its reciprocal rounded once; all 0 if S = 0."""
+    total = weights.sum(dim=1, keepdim=True)
+    inverse = 1.0 / total.clamp(min=torch.finfo(torch.float32).tiny)
+    return torch.where(total > 0, weights * inverse, torch.zeros_like(weights))
 
 
 def _argmax_or_none(keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -285,13 +329,14 @@ def verify(target_logits: torch.Tensor, target_offset: torch.Tensor, draft_token
         out_tokens [B, K+1] int64 (-1 padded) and num_accepted [B] int32.
 
     Per request with L = num_draft[b], row j of the target is x = sanitize(t_j).
-    Sampling (T > 0): p_t = filtered softmax(x / T), computed as exp((x - m) / T) / S with
-    m the row max; p_d likewise from the draft row (unfiltered, same T, one-hot if
-    draft_logits is None). Draft j is accepted iff u_j * p_d(x_j) < p_t(x_j)
-    (float64, u_j from stream 1 at position j). At the first rejection j the token is the
-    race argmax_v r_v / E_v over r = max(0, p_t - p_d) (stream 2, position j); if r has no
-    mass it falls back to the target race. If all L are accepted, the bonus is the race
-    argmax_v ((x_v - m) / T - log E_v) over the kept tokens of row L (stream 2, position L).
+    Sampling (T > 0): with s = exp2_scale(T), p_t = filtered softmax(x / T), computed as
+    w = exp2((x - m) * s) over the kept tokens (m their max) and p = w * (1 / S), S = sum w;
+    p_d likewise from the draft row (unfiltered, same T, one-hot if draft_logits is None).
+    Draft j is accepted iff u_j * p_d(x_j) < p_t(x_j) (float64, u_j from stream 1 at
+    position j). At the first rejection j the token is the race argmax_v r_v / E'_v over
+    r = max(0, p_t - p_d), r > 0 (stream 2, position j); if r has no mass it falls back to
+    the target race. If all L are accepted, the bonus is the race argmax_v w_v / E'_v over
+    the kept tokens of row L with w_v > 0 (stream 2, position L).
     Greedy (T <= 0): accept while x_j == argmax(t_j), then emit argmax. A row with no
     mass emits -1, which ends the request's tokens.
     """
@@ -323,13 +368,15 @@ def verify(target_logits: torch.Tensor, target_offset: torch.Tensor, draft_token
                 None if top_p is None else top_p[b].expand(length + 1),
                 temp_t.expand(length + 1),
             )
-            p_t = _probabilities(rows, keep, temp_t)
+            scale = exp2_scale(temp_t.expand(length + 1))
+            w_t = exp2_weights(rows, keep, scale)
+            p_t = _probabilities(w_t)
             if draft_logits is None:
                 p_d = torch.zeros(length, vocab, dtype=torch.float32, device=device)
                 p_d[torch.arange(length, device=device), drafts] = 1.0
             else:
                 x_d = sanitize(draft_logits[b, :length])
-                p_d = _probabilities(x_d, x_d > -float("inf"), temp_t)
+                p_d = _probabilities(exp2_weights(x_d, x_d > -float("inf"), scale[:length]))
             positions = torch.arange(length, device=device)
             u_words = random_words(seed[b].expand(length), STREAM_ACCEPT, positions, offset[b].expand(length), 1)[:, 0]
             u = acceptance_uniform(u_words)
@@ -339,10 +386,10 @@ def verify(target_logits: torch.Tensor, target_offset: torch.Tensor, draft_token
             rejected = (~accept).nonzero()
             accepted = int(rejected[0]) if rejected.numel() else length
             words = random_words(seed[b:b + 1], STREAM_RESAMPLE, accepted, offset[b:b + 1], vocab)[0]
-            energy = exponential(words)
-            log_energy = torch.log(energy)
-            target_keys = relative_logits(rows[accepted], keep[accepted], temp_t) - log_energy
-            target_choice = int(_argmax_or_none(target_keys.unsqueeze(0), keep[accepted].unsqueeze(0))[0])
+            energy = exponential2(words)  # one E' per token, shared by both races below
+            # Races in probability space: argmax_v weight_v / E'_v over positive weights.
+            target_choice = int(_argmax_or_none((w_t[accepted] / energy).unsqueeze(0),
+                                                (w_t[accepted] > 0).unsqueeze(0))[0])
             if accepted < length:
                 residual = torch.clamp(p_t[accepted] - p_d[accepted], min=0.0)
                 emitted = int(_argmax_or_none((residual / energy).unsqueeze(0),

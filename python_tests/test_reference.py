@@ -153,7 +153,28 @@ def test_sanitize():
     assert y.dtype == torch.float32
     assert y.tolist() == [NEG_INF, FLT_MAX / 2, NEG_INF, 1.5]
     big = R.sanitize(torch.tensor([3e38, -3e38, 1e38, -1e38]))
-    assert big.tolist() == [FLT_MAX / 2, -FLT_MAX / 2, torch.tensor(1e38).item(), torch.tensor(-1e38).item()]
+    # Only the top is clamped: x - max is then never NaN; a huge negative x - max is -inf.
+    assert big.tolist() == [FLT_MAX / 2] + torch.tensor([-3e38, 1e38, -1e38]).tolist()
+
+
+def test_exponential2_against_float64():
+    """E' = -log2(u) (base-2 exponential) against float64 on edge words and a sample, and
+    its stated range [1.68e-10, 32]: never 0 or inf."""
+    gen = torch.Generator().manual_seed(5)
+    sample = torch.randint(0, 2**32, (200000,), generator=gen, dtype=torch.int64)
+    edges = torch.tensor([0, 1, 2**31 - 1, 2**31, 2**32 - 2, 2**32 - 1], dtype=torch.int64)
+    words = torch.cat([sample, edges])
+    e = R.exponential2(words).double()
+    low = words < 2**31
+    comp = torch.where(low, words, 2**32 - 1 - words).double()
+    f = comp * 2.0**-32 + 2.0**-33
+    exact = torch.where(low, -torch.log2(f), -torch.log1p(-f) / math.log(2.0))
+    rel = ((e - exact).abs() / exact).max().item()
+    assert rel < 2e-7, rel
+    assert e.min().item() > 1.6e-10 and e.max().item() <= 33.0
+    # E' = E / ln 2: the same exponential as ``exponential`` up to rounding.
+    ratio = (R.exponential2(words).double() * math.log(2.0)) / R.exponential(words).double()
+    assert ((ratio - 1).abs() < 1e-6).all()
 
 
 # --------------------------------------------------------------------------- filter_mask

@@ -338,14 +338,14 @@ void test_sanitize_logit() {
   const float half_max = FLT_MAX / 2;
   check(dspark::sanitize_logit(INFINITY) == half_max, "sanitize_logit(+inf) == FLT_MAX / 2", "got %g",
         static_cast<double>(dspark::sanitize_logit(INFINITY)));
-  check(dspark::sanitize_logit(FLT_MAX) == half_max && dspark::sanitize_logit(-FLT_MAX) == -half_max,
-        "sanitize_logit clamps finite values beyond FLT_MAX / 2", "got %g %g",
+  check(dspark::sanitize_logit(FLT_MAX) == half_max && dspark::sanitize_logit(-FLT_MAX) == -FLT_MAX,
+        "sanitize_logit clamps finite values above FLT_MAX / 2 only", "got %g %g",
         static_cast<double>(dspark::sanitize_logit(FLT_MAX)), static_cast<double>(dspark::sanitize_logit(-FLT_MAX)));
   check(dspark::sanitize_temperature(INFINITY) == FLT_MAX && dspark::sanitize_temperature(0.5f) == 0.5f &&
             dspark::sanitize_temperature(0.f) == 0.f,
         "sanitize_temperature clamps +inf to FLT_MAX only", "got %g",
         static_cast<double>(dspark::sanitize_temperature(INFINITY)));
-  const float finite[] = {-INFINITY, -half_max, -1e30f, -2.5f, -FLT_MIN, -FLT_TRUE_MIN, -0.0f, 0.0f,
+  const float finite[] = {-INFINITY, -FLT_MAX, -half_max, -1e30f, -2.5f, -FLT_MIN, -FLT_TRUE_MIN, -0.0f, 0.0f,
                           FLT_TRUE_MIN, FLT_MIN * 0.5f, FLT_MIN, 1.0f, 3.14159f, 1e30f, half_max};
   int bad = 0;
   float first_bad = 0.f;
@@ -505,11 +505,54 @@ void test_argmax() {
 
 }  // namespace
 
+// ---------------------------------------------------------------------------------------
+// E' = -log2(u) in double, the spec value of exponential2_spec.
+double exponential2_exact(uint32_t x) {
+  const bool low = x < 0x80000000u;
+  const double f = static_cast<double>(low ? x : ~x) * std::ldexp(1.0, -32) + std::ldexp(1.0, -33);
+  return low ? -std::log2(f) : -std::log1p(-f) / std::log(2.0);
+}
+
+void test_exponential2() {
+  std::vector<uint32_t> words = {0u, 1u, 0x7fffffffu, 0x80000000u, 0xfffffffeu, 0xffffffffu};
+  uint64_t state = 7;
+  for (int i = 0; i < 1000000; ++i) words.push_back(static_cast<uint32_t>(splitmix64(state)));
+  for (uint32_t d = 0; d < 4096; ++d) {
+    words.push_back(0x80000000u - 1u - d);
+    words.push_back(0x80000000u + d);
+    words.push_back(0xffffffffu - d);
+  }
+  double worst_spec = 0.0, worst_fast = 0.0;
+  uint32_t worst_spec_x = 0, worst_fast_x = 0;
+  bool finite = true;
+  for (uint32_t x : words) {
+    const double exact = exponential2_exact(x);
+    const float spec = dspark::exponential2_spec(x), fast = dspark::exponential2_fast(x);
+    finite = finite && std::isfinite(spec) && spec > 0.f && std::isfinite(fast) && fast > 0.f;
+    const double rel_spec = std::fabs(spec - exact) / exact, rel_fast = std::fabs(fast - spec) / spec;
+    if (!(rel_spec <= worst_spec)) worst_spec = rel_spec, worst_spec_x = x;
+    if (!(rel_fast <= worst_fast)) worst_fast = rel_fast, worst_fast_x = x;
+  }
+  char name[200];
+  std::snprintf(name, sizeof(name), "exponential2_spec: rel err < 2e-7 against double on %zu words (worst %.3g at 0x%08x)",
+                words.size(), worst_spec, worst_spec_x);
+  check(finite && worst_spec < 2e-7, name, "worst %.3g", worst_spec);
+  // The kernels' branch-free form; here fast_log2 and fast_divide are exact, so this
+  // measures the series and the rounding (a GPU adds MUFU's ~2^-22).
+  std::snprintf(name, sizeof(name), "exponential2_fast: rel err < 2^-21 against the spec (worst %.3g at 0x%08x)",
+                worst_fast, worst_fast_x);
+  check(worst_fast < std::ldexp(1.0, -21), name, "worst %.3g", worst_fast);
+  const float e_min = dspark::exponential2_spec(0xffffffffu), e_max = dspark::exponential2_spec(0u);
+  check(e_min > dspark::kMinExponential2 && e_max <= 33.f, "exponential2_spec range within [1.6e-10, 33]", "got [%.9g, %.9g]",
+        static_cast<double>(e_min), static_cast<double>(e_max));
+}
+
 int main() {
   test_philox_known_answers();
   test_counter_layout();
   test_acceptance_uniform();
   test_exponential();
+  test_exponential2();
   test_accept_draft();
   test_sanitize_logit();
   test_ordered_key();

@@ -13,35 +13,31 @@
 
 #include "../verify_args.h"
 #include "dspark/math.h"
+#include "verify_rows.h"
 
 namespace dspark {
 namespace {
 
 constexpr float kNegInf = -INFINITY;
 
-// A target (or draft) row after sanitising, filtering and normalisation at temperature T:
-// p_v = exp((x_v - m) / T) / S over the kept tokens.
+// A target (or draft) row after sanitising, filtering and normalisation at temperature T,
+// in the spec's base-2 arithmetic: s = log2(e) / T, w_v = exp2((x_v - m) * s) over the
+// kept tokens, p_v = w_v * (1 / S).
 struct RowDistribution {
   std::vector<float> logits;  // [V] x_v = sanitize(logit_v)
-  float temperature = 1.f;
+  float scale = 1.f;          // s = exp2_scale(T)
   float threshold = kNegInf;  // kept iff x_v >= threshold and x_v > -inf
   float row_max = 0.f;        // m over kept tokens (0 if none)
-  float mass = 0.f;           // S = sum over kept of exp((x_v - m) / T)
-  std::vector<float> weights; // [V] exp((x_v - m) / T) if kept, else 0
+  float mass = 0.f;           // S = sum over kept of w_v
+  float inverse_mass = 0.f;   // 1 / S (0 if S = 0)
+  std::vector<float> weights; // [V] w_v if kept, else 0
 
   bool kept(int64_t v) const { return logits[v] > kNegInf && logits[v] >= threshold; }
-  float relative(int64_t v) const { return (logits[v] - row_max) / temperature; }
-  float prob(int64_t v) const { return mass > 0.f ? weights[v] / mass : 0.f; }
+  float prob(int64_t v) const { return weights[v] * inverse_mass; }
 };
 
-template <typename scalar_t>
-void load_sanitized(const scalar_t* logits, int64_t vocab, std::vector<float>& out) {
-  out.resize(vocab);
-  for (int64_t v = 0; v < vocab; ++v) out[v] = sanitize_logit(static_cast<float>(logits[v]));
-}
-
 // Threshold of top-k then top-p on x (see reference.filter_mask): the smallest kept value.
-float filter_threshold(const std::vector<float>& x, float temperature, int32_t top_k, float top_p) {
+float filter_threshold(const std::vector<float>& x, float scale, int32_t top_k, float top_p) {
   const int64_t vocab = static_cast<int64_t>(x.size());
   const bool k_on = top_k > 0 && top_k < vocab;
   const bool p_on = top_p < 1.0f;  // false for NaN
@@ -63,7 +59,7 @@ float filter_threshold(const std::vector<float>& x, float temperature, int32_t t
   // is large); the limit and the comparison are rounded to float as in the spec.
   const float row_max = sorted_x[0];
   double total = 0.0;
-  for (float value : sorted_x) total += value > kNegInf ? std::exp((value - row_max) / temperature) : 0.f;
+  for (float value : sorted_x) total += value > kNegInf ? std::exp2((value - row_max) * scale) : 0.f;
   const float limit = top_p * static_cast<float>(total);
   // The cut is at the last sorted entry whose preceding mass is below the limit; the
   // first entry always qualifies, so the most likely tokens are always kept.
@@ -72,41 +68,32 @@ float filter_threshold(const std::vector<float>& x, float temperature, int32_t t
   for (float value : sorted_x) {
     if (!(static_cast<float>(before) < limit) || value == kNegInf) break;
     cut = value;
-    before += std::exp((value - row_max) / temperature);
+    before += std::exp2((value - row_max) * scale);
   }
   return std::max(threshold, cut);
 }
 
+// The row passes are vectorised (verify_rows.h): sanitise (and the max), then the
+// weights and their sum; the top-k/top-p threshold in between sorts a copy of the row.
 template <typename scalar_t>
-void build_distribution(const scalar_t* logits, int64_t vocab, float temperature, int32_t top_k, float top_p,
+void build_distribution(const scalar_t* logits, int64_t vocab, float scale, int32_t top_k, float top_p,
                         RowDistribution& dist) {
-  load_sanitized(logits, vocab, dist.logits);
-  dist.temperature = temperature;
-  dist.threshold = filter_threshold(dist.logits, temperature, top_k, top_p);
-  float row_max = kNegInf;
-  for (int64_t v = 0; v < vocab; ++v)
-    if (dist.kept(v)) row_max = std::max(row_max, dist.logits[v]);
+  dist.logits.resize(vocab);
+  // The max of the row is kept by any filter, so it is the max over the kept tokens.
+  const float row_max = cpu_rows::sanitize_row(logits, vocab, dist.logits.data());
+  dist.scale = scale;
+  dist.threshold = filter_threshold(dist.logits, scale, top_k, top_p);
   dist.row_max = row_max > kNegInf ? row_max : 0.f;
   dist.weights.resize(vocab);
-  float mass = 0.f;
-  for (int64_t v = 0; v < vocab; ++v) {
-    dist.weights[v] = dist.kept(v) ? std::exp(dist.relative(v)) : 0.f;
-    mass += dist.weights[v];
-  }
-  dist.mass = mass;
+  dist.mass = cpu_rows::row_kernels().weights(dist.logits.data(), vocab, dist.row_max, scale, dist.threshold,
+                                              dist.weights.data());
+  dist.inverse_mass = dist.mass > 0.f ? 1.f / dist.mass : 0.f;
 }
 
-// Race argmax_v ((x_v - m) / T - log E_v) over the kept tokens; -1 if none.
+// Race argmax_v w_v / E'_v over the kept tokens with w_v > 0; -1 if none.
 int64_t target_race(const RowDistribution& target, uint64_t seed, uint32_t position, uint64_t offset) {
-  ArgMax best{kNegInf, -1};
-  RandomRow random(seed, kStreamResample, position, offset);
-  const int64_t vocab = static_cast<int64_t>(target.logits.size());
-  for (int64_t v = 0; v < vocab; ++v) {
-    if (!target.kept(v)) continue;
-    const float key = race_key_log(target.relative(v), random.word(v));
-    if (beats(key, v, best)) best = {key, v};
-  }
-  return best.index;
+  return cpu_rows::row_kernels().race(target.weights.data(), static_cast<int64_t>(target.weights.size()),
+                                      target.mass, seed, kStreamResample, position, offset);
 }
 
 template <typename scalar_t>
@@ -145,36 +132,40 @@ int32_t verify_request(const scalar_t* target_rows,  // [L+1, V] (row stride = v
       break;
     }
   } else {
-    RowDistribution target, draft;
+    // Per-thread buffers, kept across calls: no allocation (and no page faults) per row.
+    thread_local RowDistribution target, draft;
+    thread_local std::vector<float> residual;
+    const float scale = exp2_scale(request.temperature);
     for (; accepted < length; ++accepted) {
       const int64_t token = request.drafts[accepted];
-      build_distribution(target_rows + accepted * target_stride, vocab, request.temperature, request.top_k,
-                         request.top_p, target);
+      build_distribution(target_rows + accepted * target_stride, vocab, scale, request.top_k, request.top_p,
+                         target);
       float p_draft = 1.f;
       if (draft_rows != nullptr) {
-        build_distribution(draft_rows + accepted * vocab, vocab, request.temperature, 0, 1.f, draft);
+        build_distribution(draft_rows + accepted * vocab, vocab, scale, 0, 1.f, draft);
         p_draft = draft.prob(token);
       }
       const uint32_t word = random_word(request.seed, kStreamAccept, static_cast<uint32_t>(accepted),
                                         request.offset, 0);
       if (accept_draft(word, target.prob(token), p_draft)) continue;
-      // First rejection: race over the residual max(0, p_t - p_d).
-      ArgMax best{kNegInf, -1};
-      RandomRow random(request.seed, kStreamResample, static_cast<uint32_t>(accepted), request.offset);
+      // First rejection: race over the residual max(0, p_t - p_d), E' once per token.
+      residual.resize(vocab);
+      float residual_mass = 0.f;
       for (int64_t v = 0; v < vocab; ++v) {
         const float p_d = draft_rows != nullptr ? draft.prob(v) : (v == token ? 1.f : 0.f);
-        const float residual = std::max(target.prob(v) - p_d, 0.f);
-        if (!(residual > 0.f)) continue;
-        const float key = race_key_prob(residual, random.word(v));
-        if (beats(key, v, best)) best = {key, v};
+        residual[v] = std::max(target.prob(v) - p_d, 0.f);
+        residual_mass += residual[v];
       }
-      emitted = best.index >= 0 ? best.index
-                                : target_race(target, request.seed, static_cast<uint32_t>(accepted), request.offset);
+      const int64_t winner = cpu_rows::row_kernels().race(residual.data(), vocab, residual_mass, request.seed,
+                                                          kStreamResample, static_cast<uint32_t>(accepted),
+                                                          request.offset);
+      emitted = winner >= 0 ? winner
+                            : target_race(target, request.seed, static_cast<uint32_t>(accepted), request.offset);
       break;
     }
     if (accepted == length) {
-      build_distribution(target_rows + length * target_stride, vocab, request.temperature, request.top_k,
-                         request.top_p, target);
+      build_distribution(target_rows + length * target_stride, vocab, scale, request.top_k, request.top_p,
+                         target);
       emitted = target_race(target, request.seed, static_cast<uint32_t>(length), request.offset);
     }
   }

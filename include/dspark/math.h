@@ -133,7 +133,7 @@ DSPARK_HOST_DEVICE float exponential_from_bits(uint32_t x) {
 }
 
 // Key of the exponential race in log space: argmax_v (y_v - log E_v) is a sample of
-// softmax(y). Used for the draft step and the bonus token.
+// softmax(y). Used by markov_draft.
 DSPARK_HOST_DEVICE float race_key_log(float scaled_logit, uint32_t x) {
   return scaled_logit - logf(exponential_from_bits(x));
 }
@@ -143,23 +143,106 @@ DSPARK_HOST_DEVICE float race_key_log(float scaled_logit, uint32_t x) {
 // lets a race skip elements that trail the leader by more (tests_cpp/test_math.cpp checks it).
 constexpr float kMaxRaceBonus = 23.0f;
 
-// Key of the race in probability space: argmax_v (r_v / E_v) is a sample of r / sum(r).
-// Used for the residual max(0, p_t - p_d), which is not a softmax of logits.
-DSPARK_HOST_DEVICE float race_key_prob(float weight, uint32_t x) {
-  return weight / exponential_from_bits(x);
+// ---------------------------------------------------------------- verify's arithmetic
+// verify works in base 2 (reference.py is the spec): per row the scale s = log2(e) / T is
+// rounded once, a token's weight is exp2((x - m) * s), its probability weight * (1 / S)
+// with the reciprocal of the row's mass S taken once, and the sampling races run in
+// probability space, argmax_v weight_v / E'_v, with E' = E / ln 2 = -log2(u) the standard
+// exponential in base-2 units (the constant factor changes no argmax).
+constexpr float kLog2e = 1.44269504088896341f;
+
+// s = log2(e) / T for T > 0, at most FLT_MAX (a tiny T would overflow to inf, and 0 * inf
+// is NaN; FLT_MAX keeps (x - m) * s at 0 for the max and -inf or huge below it).
+DSPARK_HOST_DEVICE float exp2_scale(float temperature) {
+  const float s = kLog2e / temperature;
+  return s > FLT_MAX ? FLT_MAX : s;
+}
+
+// The spec's E' = -log2(u) from a 32-bit word: for x < 2^31, u = (x + 0.5) * 2^-32 and
+// E' = -log2(u); above, the complement w = (2^32 - 1 - x + 0.5) * 2^-32 keeps E' near 0
+// precise: E' = -log1p(-w) * log2(e). E' lies in [1.68e-10, 33]: never 0 or inf.
+inline float exponential2_spec(uint32_t x) {
+  if (x < 0x80000000u) return -std::log2(std::fma(static_cast<float>(x), 0x1p-32f, 0x1p-33f));
+  return -std::log1p(-std::fma(static_cast<float>(~x), 0x1p-32f, 0x1p-33f)) * kLog2e;
+}
+
+// A lower bound of exponential2_spec over all words (its minimum, at 0xffffffff, is
+// 1.68e-10; tests_cpp/test_math.cpp checks the bound): a race key w / E' never exceeds
+// w / kMinExponential2, which lets a race skip weights too small to win.
+constexpr float kMinExponential2 = 1.6e-10f;
+
+// Base-2 logarithm: one MUFU instruction on a GPU (absolute error about 2^-22), the
+// accurate function elsewhere (the CUDA emulation, the C++ tests).
+DSPARK_HOST_DEVICE float fast_log2(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return std::log2(x);
+#endif
+}
+
+// 2^x: one MUFU instruction on a GPU (relative error about 2^-22, results below 2^-126
+// flushed to 0), the accurate function elsewhere.
+DSPARK_HOST_DEVICE float fast_exp2(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return std::exp2(x);
+#endif
+}
+
+// a / b as a times the reciprocal of b: MUFU.RCP (rcp.approx.ftz, about 1 ulp) and a
+// multiply on a GPU, a division elsewhere. For b in the normal range.
+DSPARK_HOST_DEVICE float fast_divide(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(b));
+  return a * r;
+#else
+  return a / b;
+#endif
+}
+
+// E' of the kernels, without branches or library calls: the same u (or w) as the spec; the
+// lower half is -log2(u) (u <= 1/2, so MUFU.LG2's absolute error is a relative one); the
+// upper half is -log2(1 - w) = (2 / ln 2) atanh(t), t = w / (2 - w) <= 1/3, from its odd
+// series to t^13 (truncation below 2^-25). Relative error against exponential2_spec below
+// 2^-20 (tests_cpp/test_math.cpp measures it over a sample of all words).
+DSPARK_HOST_DEVICE float exponential2_fast(uint32_t x) {
+  const bool high = x >= 0x80000000u;
+  const uint32_t folded = x ^ static_cast<uint32_t>(static_cast<int32_t>(x) >> 31);  // ~x in the upper half
+  const float f = fmaf(static_cast<float>(folded), 0x1p-32f, 0x1p-33f);
+  const float lower = -fast_log2(f);
+  const float t = fast_divide(f, 2.f - f);
+  const float t2 = t * t;
+  float series = fmaf(t2, 1.f / 13.f, 1.f / 11.f);
+  series = fmaf(t2, series, 1.f / 9.f);
+  series = fmaf(t2, series, 1.f / 7.f);
+  series = fmaf(t2, series, 1.f / 5.f);
+  series = fmaf(t2, series, 1.f / 3.f);
+  series = fmaf(t2, series, 1.f);
+  const float upper = (2.f * kLog2e) * t * series;
+  return high ? upper : lower;
 }
 
 // Largest logit magnitude kept: half the float range, so that x - max never overflows.
 constexpr float kLogitLimit = 0x1.fffffep+126f;  // FLT_MAX / 2
 
-// NaN counts as -inf; +inf and finite values beyond +-FLT_MAX/2 are clamped to +-FLT_MAX/2,
-// so that x - max is always finite or -inf (a row with +inf logits puts all its mass on
-// them, shared evenly). -inf stays -inf.
+// NaN counts as -inf; +inf and finite values above FLT_MAX/2 are clamped to FLT_MAX/2, so
+// that x - max is never NaN (a row with +inf logits puts all its mass on them, shared
+// evenly). On a GPU two min/max instructions (max.f32 returns the non-NaN operand, for
+// signalling NaNs too); on a host libm's fmax may return a signalling NaN (and is a call),
+// so selects.
 DSPARK_HOST_DEVICE float sanitize_logit(float y) {
-  if (y != y) return -INFINITY;
-  if (y > kLogitLimit) return kLogitLimit;
-  if (y < -kLogitLimit && y != -INFINITY) return -kLogitLimit;
-  return y;
+#if defined(__CUDA_ARCH__)
+  return fminf(fmaxf(y, -INFINITY), kLogitLimit);
+#else
+  return y != y ? -INFINITY : (y > kLogitLimit ? kLogitLimit : y);  // not fminf: a libm call here
+#endif
 }
 
 // Sampling temperature: > 0 samples (+inf is clamped to FLT_MAX, where softmax(x / T) is

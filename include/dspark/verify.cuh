@@ -1,13 +1,22 @@
 // CUDA kernels of verify: lossless speculative sampling over the whole vocabulary.
 //
-// Two launches, no host synchronisation:
-//  1. verify_rows_kernel, one block per (request b, position j <= L_b): one pass over
-//     target row j (online max and sum; for j = L_b also the race for the bonus token)
-//     and, for j < L_b, over draft row j; decides acceptance of draft j on its own and
-//     stores the row statistics. Top-k / top-p rows add a radix select of the threshold.
-//  2. verify_finish_kernel, one block per request: finds the first rejection and, if
-//     there is one, makes the single extra pass over that row pair to draw the residual.
-// The semantics are those of dspark_ext/reference.py.
+// Rows are cut into slices of kVerifySlice elements, a size that does not depend on the
+// batch (so a request's arithmetic is the same at every B: batch invariance), and every
+// slice is a block, so that B = 1 fills the GPU as well as B = 256. Two launches, no host
+// synchronisation:
+//  1. verify_slices_kernel, grid (B, slices, K+1): the block of (b, slice, j <= L_b) loads
+//     its slice of target row j (and of draft row j < L_b) into registers and reduces it
+//     to one VerifyPartial: the slice max and base-2 mass, and for the bonus row the race
+//     winner; greedy rows the argmax. A top-k/top-p row is handled whole by its slice-0
+//     block (radix select of the threshold); its other slices report nothing.
+//  2. verify_finish_kernel, grid (B, slices): every block merges its request's partials in
+//     a fixed order (a few hundred bytes from L2), decides the acceptances and finds the
+//     first rejection; if there is one, each block races over its slice of the rejected
+//     row pair (the residual) and the last block to finish merges the slices' winners in
+//     slice order and writes the outputs.
+// The per-element arithmetic is the spec's (dspark_ext/reference.py) in base 2: a weight
+// is fast_exp2((x - m) * s) with s = log2(e) / T per row, a race key weight / E' with E'
+// from exponential2_fast, no division per element, 32-bit indices inside a row.
 #pragma once
 
 #include <cooperative_groups.h>
@@ -21,18 +30,24 @@ namespace dspark {
 
 namespace cg = cooperative_groups;
 
-constexpr int kVerifyThreads = 512;
+constexpr int kVerifyThreads = 256;
+constexpr int kVerifySlice = 8192;  // elements of one slice: 32 a thread for every dtype
 
-// Per (request, position) results of the first kernel.
-struct VerifyRowStats {
-  float target_max;   // m over the kept tokens of the target row
-  float target_mass;  // S = sum over kept of exp((x - m) / T); 0 for an empty distribution
-  float threshold;    // kept iff x >= threshold (top-k/top-p), -inf when unfiltered
+// One (request, row j, slice) of the first kernel.
+struct VerifyPartial {
+  float target_max;  // max of the slice's kept x (-inf if none)
+  float target_sum;  // sum over them of exp2((x - target_max) * s)
   float draft_max;
-  float draft_mass;
-  int32_t accepted;   // sampling: draft j passed u * p_d < p_t
-  int32_t token;      // greedy: argmax of row j; sampling, j = L: the bonus token
+  float draft_sum;
+  float key;         // greedy: the argmax's value; bonus row: the race's best w / E', w relative to target_max
+  int32_t index;     // greedy: argmax; bonus row: race winner; -1 if none
+  float threshold;   // top-k/top-p row (slice 0): kept iff x >= threshold; -inf otherwise
   int32_t padding;
+};
+
+struct ResidualPartial {
+  float key;
+  int32_t index;
 };
 
 struct VerifyParams {
@@ -46,12 +61,15 @@ struct VerifyParams {
   const float* top_p;            // [B] or nullptr
   int64_t* out_tokens;           // [B, K+1]
   int32_t* num_accepted;         // [B]
-  VerifyRowStats* stats;         // [B, K+1] workspace
+  VerifyPartial* partials;       // [B, K+1, slices] workspace
+  ResidualPartial* residuals;    // [B, slices] workspace
+  uint32_t* finished;            // [B] blocks of the second kernel done (zeroed by the first)
   int64_t batch;
   int64_t max_draft;             // K
-  int64_t vocab;                 // V
+  int64_t vocab;                 // V (< 2^31)
   int64_t rows;                  // Nt
   int64_t target_stride;         // elements between target rows
+  int32_t slices;                // ceil(V / kVerifySlice)
 };
 
 // The CUDA kernel cannot raise without a host synchronisation, so a request whose
@@ -72,7 +90,7 @@ __device__ __forceinline__ bool request_is_valid(const VerifyParams& p, int64_t 
 // Finds the smallest finite value t of x = sanitize(row), among those >= floor, such
 // that the elements strictly above t satisfy a limit: fewer than `count_limit` of them
 // (top-k), or (mass mode) their mass below `mass_fraction` of the mass of all candidates
-// (top-p; the row maximum always qualifies), the mass of x being exp((x - max) / T).
+// (top-p; the row maximum always qualifies), the mass of x being exp2((x - max) * s).
 // Four passes of 8-bit digits over the order-preserving key of x, counts and masses in
 // shared-memory histograms. Masses are fixed point (see mass_scale_exponent) so that
 // atomic accumulation is exact and the result deterministic.
@@ -92,12 +110,12 @@ __device__ __forceinline__ int mass_scale_exponent(int64_t vocab) {
   return 63 - (64 - __clzll(static_cast<long long>(vocab)));
 }
 
-__device__ __forceinline__ unsigned long long fixed_mass(float x, float row_max, float temperature, int scale) {
-  return __float2ull_rn(ldexpf(expf((x - row_max) / temperature), scale));
+__device__ __forceinline__ unsigned long long fixed_mass(float x, float row_max, float exp2_scale_, int scale) {
+  return __float2ull_rn(ldexpf(fast_exp2((x - row_max) * exp2_scale_), scale));
 }
 
 template <typename T>
-__device__ float radix_threshold(const T* row, int64_t vocab, float temperature, float row_max, float floor,
+__device__ float radix_threshold(const T* row, int64_t vocab, float exp2_scale_, float row_max, float floor,
                                  bool mass_mode, int64_t count_limit, float mass_fraction, RadixState& st) {
   const int scale = mass_scale_exponent(vocab);
   if (threadIdx.x == 0) {
@@ -122,7 +140,7 @@ __device__ float radix_threshold(const T* row, int64_t vocab, float temperature,
       // of the converged lanes instead of one per lane (warp-aggregated atomics).
       const cg::coalesced_group peers = cg::labeled_partition(cg::coalesced_threads(), digit);
       if (peers.thread_rank() == 0) atomicAdd(&st.count[digit], static_cast<uint32_t>(peers.size()));
-      if (mass_mode) atomicAdd(&st.mass[digit], fixed_mass(y, row_max, temperature, scale));
+      if (mass_mode) atomicAdd(&st.mass[digit], fixed_mass(y, row_max, exp2_scale_, scale));
     });
     __syncthreads();
     if (threadIdx.x < 32) {
@@ -190,188 +208,478 @@ __device__ float radix_threshold(const T* row, int64_t vocab, float temperature,
   return threshold;
 }
 
-// ---------------------------------------------------------------- kernel 1: rows
+// ---------------------------------------------------------------- slices
+// A thread's part of one slice: kChunks chunks of 16 bytes, chunk i of the thread being
+// slice chunk threadIdx.x + i * kVerifyThreads (coalesced), sanitized, -inf past the row.
+template <typename T>
+struct Slice {
+  static constexpr int kVec = RowChunks<T>::kVec;
+  static constexpr int kChunks = kVerifySlice / (kVec * kVerifyThreads);
+  static_assert(kChunks * kVec * kVerifyThreads == kVerifySlice, "a slice is whole chunks of every thread");
+  float x[kChunks][kVec];
+
+  // Index in the row of element e of chunk i.
+  __device__ __forceinline__ static int index(int slice, int i, int e) {
+    return (slice * (kVerifySlice / kVec) + threadIdx.x + i * kVerifyThreads) * kVec + e;
+  }
+
+  // All loads are issued before any value is used. kFull: the slice lies inside the row
+  // and the row is 16-byte aligned (every slice but a row's last, for real vocabularies),
+  // so every chunk is one 16-byte load; otherwise element by element, -inf past the row.
+  template <bool kFull>
+  __device__ __forceinline__ void load(const T* row, int vocab, int slice) {
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) {
+      const int first = index(slice, i, 0);
+      if constexpr (kFull) {
+        load_chunk(row, first / kVec, vocab, true, x[i]);
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) x[i][e] = sanitize_logit(x[i][e]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) x[i][e] = first + e < vocab ? sanitize_logit(to_float(row[first + e])) : -INFINITY;
+      }
+    }
+  }
+
+  // Whether load<true> applies to this slice of this row.
+  __device__ __forceinline__ static bool full(const T* row, int vocab, int slice) {
+    return is_aligned16(row) && (slice + 1) * kVerifySlice <= vocab;
+  }
+
+  __device__ __forceinline__ float max() const {
+    float m = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i)
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) m = fmaxf(m, x[i][e]);
+    return m;
+  }
+};
+
+// Max, base-2 mass and race leader of a set of elements; the leader's key is relative to
+// `max` like the mass. Merged by block_allreduce (fixed order) and across slices.
+struct MassStats {
+  float max;
+  float sum;
+  float key;
+  int32_t index;
+};
+
+__device__ __forceinline__ MassStats merge_mass(MassStats a, MassStats b, float scale) {
+  if (b.max == -INFINITY) return a;
+  if (a.max == -INFINITY) return b;
+  const float m = fmaxf(a.max, b.max);
+  const float fa = fast_exp2((a.max - m) * scale), fb = fast_exp2((b.max - m) * scale);
+  const float ka = a.key * fa, kb = b.key * fb;
+  const bool b_wins = b.index >= 0 && (a.index < 0 || kb > ka || (kb == ka && b.index < a.index));
+  return {m, a.sum * fa + b.sum * fb, b_wins ? kb : ka, b_wins ? b.index : a.index};
+}
+
+__device__ __forceinline__ MassStats shfl_xor(MassStats v, int mask) {
+  return {shfl_xor(v.max, mask), shfl_xor(v.sum, mask), shfl_xor(v.key, mask), __shfl_xor_sync(0xFFFFFFFFu, v.index, mask)};
+}
+
+// The thread's part of a slice of a row: its max, its mass and, with kRace, its race argmax
+// w / E' (stream 2, position `position`): one Philox call per 4 elements, E' once per element.
+template <bool kRace, bool kFull, typename T>
+__device__ __forceinline__ MassStats slice_mass(const T* row, int vocab, int slice, float scale, uint64_t seed,
+                                                uint32_t position, uint64_t round_offset) {
+  constexpr int kVec = Slice<T>::kVec;
+  Slice<T> s;
+  s.template load<kFull>(row, vocab, slice);
+  const float m = s.max();
+  const float base = m == -INFINITY ? 0.f : m;
+  float sum[2] = {0.f, 0.f};  // two chains of additions, a fixed order
+  float best = 0.f;           // a zero weight never wins
+  int best_index = -1;
+#pragma unroll
+  for (int i = 0; i < Slice<T>::kChunks; ++i) {
+#pragma unroll
+    for (int g = 0; g < kVec; g += 4) {
+      Philox4 words{};
+      if constexpr (kRace)
+        words = random_group(seed, kStreamResample, position, round_offset,
+                             static_cast<uint32_t>(Slice<T>::index(slice, i, g)) >> 2);
+#pragma unroll
+      for (int e = g; e < g + 4; ++e) {
+        const float w = fast_exp2((s.x[i][e] - base) * scale);
+        sum[e & 1] += w;
+        if constexpr (kRace) {
+          const float key = fast_divide(w, exponential2_fast(words.x[e & 3]));
+          if (key > best) {  // a thread visits its elements in increasing order: ties keep the first
+            best = key;
+            best_index = Slice<T>::index(slice, i, e);
+          }
+        }
+      }
+    }
+  }
+  return {m, sum[0] + sum[1], best, best_index};
+}
+
+// A row's last (partial) slice or an unaligned row: out of line, so that the kernels'
+// hot code is the full-slice path.
+template <bool kRace, typename T>
+__device__ __noinline__ MassStats slice_mass_partial(const T* row, int vocab, int slice, float scale, uint64_t seed,
+                                                     uint32_t position, uint64_t round_offset) {
+  return slice_mass<kRace, false>(row, vocab, slice, scale, seed, position, round_offset);
+}
+
+template <bool kRace, typename T>
+__device__ __forceinline__ MassStats slice_mass(const T* row, int vocab, int slice, float scale, uint64_t seed,
+                                                uint32_t position, uint64_t round_offset) {
+  return Slice<T>::full(row, vocab, slice)
+             ? slice_mass<kRace, true>(row, vocab, slice, scale, seed, position, round_offset)
+             : slice_mass_partial<kRace>(row, vocab, slice, scale, seed, position, round_offset);
+}
+
+// Greedy: the thread's argmax of its part of a slice (ties to the smaller index).
+template <bool kFull, typename T>
+__device__ __forceinline__ ArgMax slice_argmax(const T* row, int vocab, int slice) {
+  Slice<T> s;
+  s.template load<kFull>(row, vocab, slice);
+  float best = -INFINITY;
+  int best_index = -1;
+#pragma unroll
+  for (int i = 0; i < Slice<T>::kChunks; ++i)
+#pragma unroll
+    for (int e = 0; e < Slice<T>::kVec; ++e)
+      if (s.x[i][e] > best) {
+        best = s.x[i][e];
+        best_index = Slice<T>::index(slice, i, e);
+      }
+  return {best, best_index};
+}
+
+template <typename T>
+__device__ __noinline__ ArgMax slice_argmax_partial(const T* row, int vocab, int slice) {
+  return slice_argmax<false>(row, vocab, slice);
+}
+
+template <typename T>
+__device__ __forceinline__ ArgMax slice_argmax(const T* row, int vocab, int slice) {
+  return Slice<T>::full(row, vocab, slice) ? slice_argmax<true>(row, vocab, slice)
+                                           : slice_argmax_partial(row, vocab, slice);
+}
+
+// A top-k/top-p row, whole, by one block: online max and mass, the radix select of the
+// threshold, then the kept mass and, for the bonus row, the race among the kept tokens.
+template <typename T>
+__device__ MassStats filtered_row(const T* row, int64_t vocab, float scale, int64_t top_k, float top_p, bool race,
+                                  uint64_t seed, uint32_t position, uint64_t round_offset, float& threshold) {
+  float thread_max = -INFINITY;
+  for_each_element(row, vocab, [&](int64_t, float raw) { thread_max = fmaxf(thread_max, sanitize_logit(raw)); });
+  const float row_max = block_allreduce<kVerifyThreads>(thread_max, [](float a, float b) { return fmaxf(a, b); });
+  threshold = -INFINITY;
+  if (row_max == -INFINITY) return {-INFINITY, 0.f, 0.f, -1};
+  __shared__ RadixState radix;
+  const bool k_on = top_k > 0 && top_k < vocab;
+  if (k_on) threshold = radix_threshold(row, vocab, scale, row_max, -INFINITY, false, top_k, 0.f, radix);
+  if (top_p < 1.f) threshold = radix_threshold(row, vocab, scale, row_max, threshold, true, 0, top_p, radix);
+  float kept_mass = 0.f;
+  ArgMax best{0.f, -1};
+  RandomRow random(seed, kStreamResample, position, round_offset);
+  for_each_element(row, vocab, [&](int64_t v, float raw) {
+    const float x = sanitize_logit(raw);
+    if (x == -INFINITY || x < threshold) return;
+    const float w = fast_exp2((x - row_max) * scale);
+    kept_mass += w;
+    if (race) {
+      const float key = fast_divide(w, exponential2_fast(random.word(v)));
+      if (key > best.key) best = {key, v};
+    }
+  });
+  kept_mass = block_allreduce<kVerifyThreads>(kept_mass);
+  best = block_allreduce<kVerifyThreads>(best);
+  return {row_max, kept_mass, best.key, static_cast<int32_t>(best.index)};
+}
+
+// ---------------------------------------------------------------- kernel 1: slices
 template <typename T, bool kHasDraft>
-__global__ void __launch_bounds__(kVerifyThreads, 2) verify_rows_kernel(const T* __restrict__ target_logits,
-                                                                     const T* __restrict__ draft_logits,
-                                                                     VerifyParams p) {
+__global__ void __launch_bounds__(kVerifyThreads) verify_slices_kernel(const T* __restrict__ target_logits,
+                                                                    const T* __restrict__ draft_logits,
+                                                                    VerifyParams p) {
   const int64_t b = blockIdx.x;
-  const int64_t j = blockIdx.y;
+  const int slice = blockIdx.y;
+  const int64_t j = blockIdx.z;
+  if (slice == 0 && j == 0 && threadIdx.x == 0) p.finished[b] = 0;  // before the second launch
   const int64_t length = p.num_draft[b];
   if (j > length || !request_is_valid(p, b)) return;  // uniform over the block
+  const int vocab = static_cast<int>(p.vocab);
   const T* target_row = target_logits + (p.target_offset[b] + j) * p.target_stride;
   const float temperature = sanitize_temperature(p.temperature[b]);
-  VerifyRowStats result{};
-  result.threshold = -INFINITY;
-  result.token = -1;
+  VerifyPartial out{-INFINITY, 0.f, -INFINITY, 0.f, 0.f, -1, -INFINITY, 0};
 
   if (!(temperature > 0.f)) {
-    ArgMax best{-INFINITY, -1};
-    for_each_element(target_row, p.vocab, [&](int64_t v, float x) {
-      const float y = sanitize_logit(x);
-      if (y > -INFINITY && beats(y, v, best)) best = {y, v};
-    });
-    best = block_allreduce<kVerifyThreads>(best);
-    if (threadIdx.x == 0) {
-      result.token = static_cast<int32_t>(best.index);
-      p.stats[b * (p.max_draft + 1) + j] = result;
-    }
-    return;
-  }
-
-  const int64_t top_k = p.top_k ? p.top_k[b] : 0;
-  const float top_p = p.top_p ? p.top_p[b] : 1.f;
-  const bool k_on = top_k > 0 && top_k < p.vocab;
-  const bool p_on = top_p < 1.f;
-  const bool filtered = k_on || p_on;
-  const bool bonus = j == length;
-  const uint64_t seed = static_cast<uint64_t>(p.seed[b]);
-  const uint64_t round_offset = static_cast<uint64_t>(p.offset[b]);
-
-  // Pass over the target row: softmax statistics and, unfiltered, the bonus race. The
-  // race key (x - m) / T - log E needs the row max m, not known until the pass ends, so
-  // each thread keys against its running max and shifts its best key when that grows.
-  SoftmaxStats target{-INFINITY, 0.f, temperature};
-  ArgMax race{-INFINITY, -1};
-  RandomRow random(seed, kStreamResample, static_cast<uint32_t>(length), round_offset);
-  const bool race_now = bonus && !filtered;
-  for_each_element(target_row, p.vocab, [&](int64_t v, float raw) {  // sass budget: plain row pass
-    const float x = sanitize_logit(raw);
-    if (race_now && x > -INFINITY) {
-      const float running_max = fmaxf(target.max, x);
-      if (running_max > target.max && race.index >= 0) race.key += (target.max - running_max) / temperature;
-      const float key = race_key_log((x - running_max) / temperature, random.word(v));
-      if (beats(key, v, race)) race = {key, v};
-    }
-    target.add(x);
-  });
-  const float thread_max = target.max;
-  target = block_allreduce<kVerifyThreads>(target);
-  if (race_now && race.index >= 0) race.key += (thread_max - target.max) / temperature;
-  float threshold = -INFINITY;
-  float mass = target.sum;
-  if (filtered && target.max > -INFINITY) {
-    __shared__ RadixState radix;
-    if (k_on) threshold = radix_threshold(target_row, p.vocab, temperature, target.max, -INFINITY, false, top_k, 0.f, radix);
-    if (p_on) threshold = radix_threshold(target_row, p.vocab, temperature, target.max, threshold, true, 0, top_p, radix);
-    // Mass of the kept tokens and, for the bonus position, the race among them.
-    float kept_mass = 0.f;
-    for_each_element(target_row, p.vocab, [&](int64_t v, float raw) {
-      const float x = sanitize_logit(raw);
-      if (x == -INFINITY || x < threshold) return;
-      const float relative = (x - target.max) / temperature;
-      kept_mass += expf(relative);
-      if (bonus) {
-        const float key = race_key_log(relative, random.word(v));
-        if (beats(key, v, race)) race = {key, v};
-      }
-    });
-    mass = block_allreduce<kVerifyThreads>(kept_mass);
-  }
-  const float row_max = target.max > -INFINITY ? target.max : 0.f;
-  result.target_max = row_max;
-  result.target_mass = mass;
-  result.threshold = threshold;
-
-  if (bonus) {
-    race = block_allreduce<kVerifyThreads>(race);
-    result.token = static_cast<int32_t>(race.index);
+    const ArgMax thread_best = slice_argmax(target_row, vocab, slice);  // sass budget: greedy pass (32 elements a thread)
+    const ArgMax best = block_allreduce<kVerifyThreads>(thread_best);
+    out.key = best.key;
+    out.index = static_cast<int32_t>(best.index);
   } else {
-    const int64_t token = p.draft_tokens[b * p.max_draft + j];
-    const float x_token = sanitize_logit(to_float(target_row[token]));
-    const float p_target = (mass > 0.f && x_token > -INFINITY && x_token >= threshold)
-                               ? expf((x_token - row_max) / temperature) / mass : 0.f;
-    float p_draft = 1.f;
-    if constexpr (kHasDraft) {
-      const T* draft_row = draft_logits + (b * p.max_draft + j) * p.vocab;
-      SoftmaxStats draft{-INFINITY, 0.f, temperature};
-      for_each_element(draft_row, p.vocab, [&](int64_t, float raw) { draft.add(sanitize_logit(raw)); });
-      draft = block_allreduce<kVerifyThreads>(draft);
-      const float draft_max = draft.max > -INFINITY ? draft.max : 0.f;
-      const float x_draft = sanitize_logit(to_float(draft_row[token]));
-      p_draft = (draft.sum > 0.f && x_draft > -INFINITY) ? expf((x_draft - draft_max) / temperature) / draft.sum : 0.f;
-      result.draft_max = draft_max;
-      result.draft_mass = draft.sum;
+    const float scale = exp2_scale(temperature);
+    const auto merge = [scale](MassStats a, MassStats c) { return merge_mass(a, c, scale); };
+    const int64_t top_k = p.top_k ? p.top_k[b] : 0;
+    const float top_p = p.top_p ? p.top_p[b] : 1.f;
+    const bool filtered = (top_k > 0 && top_k < p.vocab) || top_p < 1.f;
+    const bool bonus = j == length;
+    const uint64_t seed = static_cast<uint64_t>(p.seed[b]);
+    const uint64_t round_offset = static_cast<uint64_t>(p.offset[b]);
+    MassStats t{-INFINITY, 0.f, 0.f, -1};
+    if (filtered) {
+      if (slice == 0)
+        t = filtered_row(target_row, p.vocab, scale, top_k, top_p, bonus, seed, static_cast<uint32_t>(length),
+                         round_offset, out.threshold);
+    } else {
+      if (bonus) {
+        // sass budget: bonus row pass (32 elements a thread)
+        t = slice_mass<true>(target_row, vocab, slice, scale, seed, static_cast<uint32_t>(length), round_offset);
+      } else {
+        t = slice_mass<false>(target_row, vocab, slice, scale, 0, 0, 0);  // sass budget: plain row pass (32 elements a thread)
+      }
+      t = block_allreduce<kVerifyThreads>(t, merge);
     }
-    const uint32_t word = random_word(seed, kStreamAccept, static_cast<uint32_t>(j), round_offset, 0);
-    result.accepted = accept_draft(word, p_target, p_draft) ? 1 : 0;
+    out.target_max = t.max;
+    out.target_sum = t.sum;
+    out.key = t.key;
+    out.index = t.index;
+    if (kHasDraft && !bonus) {
+      const T* draft_row = draft_logits + (b * p.max_draft + j) * p.vocab;
+      MassStats d = slice_mass<false>(draft_row, vocab, slice, scale, 0, 0, 0);  // sass budget: draft row pass (32 elements a thread)
+      d = block_allreduce<kVerifyThreads>(d, merge);
+      out.draft_max = d.max;
+      out.draft_sum = d.sum;
+    }
   }
-  if (threadIdx.x == 0) p.stats[b * (p.max_draft + 1) + j] = result;
+  if (threadIdx.x == 0) p.partials[(b * (p.max_draft + 1) + j) * p.slices + slice] = out;
 }
 
 // ---------------------------------------------------------------- kernel 2: finish
+// What the decision hands to the residual pass.
+struct VerifyDecision {
+  int32_t accepted;   // number of accepted drafts
+  int32_t emitted;    // greedy or bonus token; -2: the residual race decides
+  float target_max;   // of the rejected row
+  float target_inverse_mass;
+  float threshold;
+  float draft_max;
+  float draft_inverse_mass;
+};
+
+// Row j's partials merged in slice order (target mass, draft mass, greedy argmax or bonus winner).
+__device__ __forceinline__ void merge_row(const VerifyPartial* row, int slices, bool greedy, float scale,
+                                          MassStats& target, MassStats& draft, ArgMax& best, float& threshold) {
+  target = {-INFINITY, 0.f, 0.f, -1};
+  draft = {-INFINITY, 0.f, 0.f, -1};
+  best = {-INFINITY, -1};
+  threshold = -INFINITY;
+  for (int s = 0; s < slices; ++s) {
+    const VerifyPartial q = row[s];
+    if (greedy) {
+      if (q.index >= 0 && beats(q.key, q.index, best)) best = {q.key, q.index};
+    } else {
+      target = merge_mass(target, {q.target_max, q.target_sum, q.key, q.index}, scale);
+      draft = merge_mass(draft, {q.draft_max, q.draft_sum, 0.f, -1}, scale);
+      threshold = fmaxf(threshold, q.threshold);
+    }
+  }
+}
+
+// p of token x under a merged row: w * (1 / S) over the kept tokens.
+__device__ __forceinline__ float token_probability(float x, float row_max, float inverse_mass, float threshold,
+                                                   float scale) {
+  return (x > -INFINITY && x >= threshold) ? fast_exp2((x - row_max) * scale) * inverse_mass : 0.f;
+}
+
+// Warp 0 decides for request b: lane l takes rows l, l + 32, ...; the result goes to
+// `decision` (shared memory).
 template <typename T, bool kHasDraft>
-__global__ void __launch_bounds__(kVerifyThreads, 2) verify_finish_kernel(const T* __restrict__ target_logits,
-                                                                       const T* __restrict__ draft_logits,
-                                                                       VerifyParams p) {
+__device__ __forceinline__ void decide(const T* target_logits, const T* draft_logits, const VerifyParams& p, int64_t b,
+                                       bool greedy, float scale, VerifyDecision& decision) {
+  const int lane = threadIdx.x;
+  const int64_t length = p.num_draft[b];
+  const int64_t* drafts = p.draft_tokens + b * p.max_draft;
+  for (int64_t base = 0; base <= length; base += 32) {
+    const int64_t j = base + lane;
+    bool rejected = false;
+    VerifyDecision mine{static_cast<int32_t>(j), -2, 0.f, 0.f, -INFINITY, 0.f, 0.f};
+    if (j <= length) {
+      MassStats t, d;
+      ArgMax best;
+      float threshold;
+      merge_row(p.partials + (b * (p.max_draft + 1) + j) * p.slices, p.slices, greedy, scale, t, d, best, threshold);
+      if (greedy) {
+        rejected = j < length && !(best.index >= 0 && best.index == drafts[j]);
+        mine.emitted = static_cast<int32_t>(best.index);
+      } else if (j == length) {
+        mine.emitted = t.index;  // the bonus race's winner
+      } else {
+        const int64_t token = drafts[j];
+        const T* target_row = target_logits + (p.target_offset[b] + j) * p.target_stride;
+        mine.target_max = t.max > -INFINITY ? t.max : 0.f;
+        mine.target_inverse_mass = t.sum > 0.f ? 1.f / t.sum : 0.f;
+        mine.threshold = threshold;
+        const float p_target = token_probability(sanitize_logit(to_float(target_row[token])), mine.target_max,
+                                                 mine.target_inverse_mass, threshold, scale);
+        float p_draft = 1.f;
+        if constexpr (kHasDraft) {
+          mine.draft_max = d.max > -INFINITY ? d.max : 0.f;
+          mine.draft_inverse_mass = d.sum > 0.f ? 1.f / d.sum : 0.f;
+          p_draft = token_probability(sanitize_logit(to_float(draft_logits[(b * p.max_draft + j) * p.vocab + token])),
+                                      mine.draft_max, mine.draft_inverse_mass, -INFINITY, scale);
+        }
+        const uint32_t word = random_word(static_cast<uint64_t>(p.seed[b]), kStreamAccept, static_cast<uint32_t>(j),
+                                          static_cast<uint64_t>(p.offset[b]), 0);
+        rejected = !accept_draft(word, p_target, p_draft);
+      }
+    }
+    const unsigned ballot = __ballot_sync(0xFFFFFFFFu, rejected);
+    const int64_t first = ballot ? base + __ffs(static_cast<int>(ballot)) - 1 : length;
+    if (first < base + 32 && j == first) decision = mine;  // the first rejection, or row L
+    if (first < base + 32) break;  // uniform: every lane saw the same ballot
+  }
+}
+
+// The thread's residual race over its part of a slice of the rejected row pair j:
+// argmax r / E' over r = max(0, p_t - p_d) > 0, stream 2 at position j.
+template <typename T, bool kHasDraft, bool kFull>
+__device__ __forceinline__ ArgMax residual_slice(const T* target_row, const T* draft_row, int vocab, int slice,
+                                                 int64_t token, uint64_t seed, uint64_t round_offset, float scale,
+                                                 const VerifyDecision& my) {
+  using S = Slice<T>;
+  constexpr int kVec = S::kVec;
+  S target;
+  target.template load<kFull>(target_row, vocab, slice);
+  [[maybe_unused]] S draft;
+  if constexpr (kHasDraft) draft.template load<kFull>(draft_row, vocab, slice);
+  const uint32_t position = static_cast<uint32_t>(my.accepted);
+  float best = 0.f;  // a zero residual never wins
+  int best_index = -1;
+#pragma unroll
+  for (int i = 0; i < S::kChunks; ++i) {
+#pragma unroll
+    for (int g = 0; g < kVec; g += 4) {
+      const Philox4 words =
+          random_group(seed, kStreamResample, position, round_offset, static_cast<uint32_t>(S::index(slice, i, g)) >> 2);
+#pragma unroll
+      for (int e = g; e < g + 4; ++e) {
+        const int v = S::index(slice, i, e);
+        const float x = target.x[i][e];
+        const float d_target = x >= my.threshold ? (x - my.target_max) * scale : -INFINITY;
+        const float p_target = fast_exp2(d_target) * my.target_inverse_mass;
+        float p_draft;
+        if constexpr (kHasDraft) {
+          p_draft = fast_exp2((draft.x[i][e] - my.draft_max) * scale) * my.draft_inverse_mass;
+        } else {
+          p_draft = v == token ? 1.f : 0.f;
+        }
+        const float residual = fmaxf(p_target - p_draft, 0.f);
+        const float key = fast_divide(residual, exponential2_fast(words.x[e & 3]));
+        if (key > best) {  // increasing order within the thread: ties keep the first
+          best = key;
+          best_index = v;
+        }
+      }
+    }
+  }
+  return {best, best_index};
+}
+
+template <typename T, bool kHasDraft>
+__device__ __noinline__ ArgMax residual_slice_partial(const T* target_row, const T* draft_row, int vocab, int slice,
+                                                      int64_t token, uint64_t seed, uint64_t round_offset, float scale,
+                                                      VerifyDecision my) {
+  return residual_slice<T, kHasDraft, false>(target_row, draft_row, vocab, slice, token, seed, round_offset, scale, my);
+}
+
+template <typename T, bool kHasDraft>
+__device__ __forceinline__ ArgMax residual_slice(const T* target_row, const T* draft_row, int vocab, int slice,
+                                                 int64_t token, uint64_t seed, uint64_t round_offset, float scale,
+                                                 const VerifyDecision& my) {
+  const bool full = Slice<T>::full(target_row, vocab, slice) && (!kHasDraft || is_aligned16(draft_row));
+  return full ? residual_slice<T, kHasDraft, true>(target_row, draft_row, vocab, slice, token, seed, round_offset,
+                                                   scale, my)
+              : residual_slice_partial<T, kHasDraft>(target_row, draft_row, vocab, slice, token, seed, round_offset,
+                                                     scale, my);
+}
+
+template <typename T, bool kHasDraft>
+__global__ void __launch_bounds__(kVerifyThreads) verify_finish_kernel(const T* __restrict__ target_logits,
+                                                                    const T* __restrict__ draft_logits,
+                                                                    VerifyParams p) {
   const int64_t b = blockIdx.x;
+  const int slice = blockIdx.y;
   const int64_t width = p.max_draft + 1;
   int64_t* out = p.out_tokens + b * width;
   if (!request_is_valid(p, b)) {
-    for (int64_t j = threadIdx.x; j < width; j += blockDim.x) out[j] = -1;
-    if (threadIdx.x == 0) p.num_accepted[b] = -1;
+    if (slice == 0) {
+      for (int64_t j = threadIdx.x; j < width; j += blockDim.x) out[j] = -1;
+      if (threadIdx.x == 0) p.num_accepted[b] = -1;
+    }
     return;
   }
-  const int64_t length = p.num_draft[b];
   const float temperature = sanitize_temperature(p.temperature[b]);
   const bool greedy = !(temperature > 0.f);
-  const VerifyRowStats* stats = p.stats + b * width;
+  const float scale = greedy ? 1.f : exp2_scale(temperature);
+  __shared__ VerifyDecision decision;
+  if (threadIdx.x < 32) decide<T, kHasDraft>(target_logits, draft_logits, p, b, greedy, scale, decision);
+  __syncthreads();
+  const VerifyDecision my = decision;
   const int64_t* drafts = p.draft_tokens + b * p.max_draft;
-
-  // First rejected position (length if none); every thread computes it, K is small.
-  int64_t accepted = 0;
-  while (accepted < length &&
-         (greedy ? (stats[accepted].token >= 0 && drafts[accepted] == stats[accepted].token)
-                 : stats[accepted].accepted != 0))
-    ++accepted;
-
-  int64_t emitted = stats[accepted].token;  // greedy argmax, or the bonus token
-  if (!greedy && accepted < length) {
-    const VerifyRowStats row = stats[accepted];
-    const int64_t token = drafts[accepted];
-    const T* target_row = target_logits + (p.target_offset[b] + accepted) * p.target_stride;
-    RandomRow random(static_cast<uint64_t>(p.seed[b]), kStreamResample, static_cast<uint32_t>(accepted),
-                     static_cast<uint64_t>(p.offset[b]));
-    ArgMax residual_race{-INFINITY, -1};
-    ArgMax target_race{-INFINITY, -1};  // used only if the residual has no mass
-    auto visit = [&](int64_t v, float raw_target, float raw_draft) {
-      const float x = sanitize_logit(raw_target);
-      const bool kept = x > -INFINITY && x >= row.threshold;
-      const float relative = (x - row.target_max) / temperature;
-      const float p_target = (kept && row.target_mass > 0.f) ? expf(relative) / row.target_mass : 0.f;
-      float p_draft;
-      if constexpr (kHasDraft) {
-        const float x_draft = sanitize_logit(raw_draft);
-        p_draft = (row.draft_mass > 0.f && x_draft > -INFINITY)
-                      ? expf((x_draft - row.draft_max) / temperature) / row.draft_mass : 0.f;
-      } else {
-        p_draft = v == token ? 1.f : 0.f;
-      }
-      const float residual = fmaxf(p_target - p_draft, 0.f);
-      if (!(residual > 0.f) && !kept) return;
-      const uint32_t word = random.word(v);
-      if (residual > 0.f) {
-        const float key = race_key_prob(residual, word);
-        if (beats(key, v, residual_race)) residual_race = {key, v};
-      }
-      if (kept) {
-        const float key = race_key_log(relative, word);
-        if (beats(key, v, target_race)) target_race = {key, v};
-      }
-    };
-    if constexpr (kHasDraft) {
-      // sass budget: residual pass (the call below)
-      for_each_pair(target_row, draft_logits + (b * p.max_draft + accepted) * p.vocab, p.vocab, visit);
-    } else {
-      for_each_element(target_row, p.vocab, [&](int64_t v, float raw) { visit(v, raw, 0.f); });
-    }
-    residual_race = block_allreduce<kVerifyThreads>(residual_race);
-    target_race = block_allreduce<kVerifyThreads>(target_race);
-    emitted = residual_race.index >= 0 ? residual_race.index : target_race.index;
+  const auto write_outputs = [&](int64_t emitted) {
+    for (int64_t j = threadIdx.x; j < width; j += blockDim.x)
+      out[j] = j < my.accepted ? drafts[j] : (j == my.accepted ? emitted : -1);
+    if (threadIdx.x == 0) p.num_accepted[b] = my.accepted;
+  };
+  if (my.emitted != -2) {
+    if (slice == 0) write_outputs(my.emitted);
+    return;
   }
-  for (int64_t j = threadIdx.x; j < width; j += blockDim.x)
-    out[j] = j < accepted ? drafts[j] : (j == accepted ? emitted : -1);
-  if (threadIdx.x == 0) p.num_accepted[b] = static_cast<int32_t>(accepted);
+
+  // The residual race over this block's slice of the rejected row pair.
+  const int vocab = static_cast<int>(p.vocab);
+  const int64_t j = my.accepted;
+  const int64_t token = drafts[j];
+  const T* target_row = target_logits + (p.target_offset[b] + j) * p.target_stride;
+  const uint64_t seed = static_cast<uint64_t>(p.seed[b]);
+  const uint64_t round_offset = static_cast<uint64_t>(p.offset[b]);
+  {
+    const T* draft_row = kHasDraft ? draft_logits + (b * p.max_draft + j) * p.vocab : nullptr;
+    const ArgMax thread_best =  // sass budget: residual pass (32 elements a thread)
+        residual_slice<T, kHasDraft>(target_row, draft_row, vocab, slice, token, seed, round_offset, scale, my);
+    const ArgMax winner = block_allreduce<kVerifyThreads>(thread_best);
+    if (threadIdx.x == 0) {
+      p.residuals[b * p.slices + slice] = {winner.key, static_cast<int32_t>(winner.index)};
+      __threadfence();  // the partial is visible before the count says so
+    }
+  }
+  __shared__ bool last;
+  if (threadIdx.x == 0) last = atomicAdd(&p.finished[b], 1u) == static_cast<uint32_t>(p.slices) - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  // The last block: merge the slices' winners in slice order.
+  ArgMax winner{0.f, -1};
+  const volatile ResidualPartial* residuals = p.residuals + b * p.slices;  // written by other blocks
+  for (int s = 0; s < p.slices; ++s) {
+    const float key = residuals[s].key;
+    const int32_t index = residuals[s].index;
+    if (index >= 0 && (winner.index < 0 || key > winner.key)) winner = {key, index};
+  }
+  if (winner.index < 0) {
+    // No residual mass (p_t <= p_d everywhere, a rounding case): the target race over the
+    // kept tokens of the rejected row, by this block alone.
+    RandomRow random(seed, kStreamResample, static_cast<uint32_t>(j), round_offset);
+    ArgMax race{0.f, -1};
+    for_each_element(target_row, p.vocab, [&](int64_t v, float raw) {
+      const float x = sanitize_logit(raw);
+      if (x == -INFINITY || x < my.threshold) return;
+      const float key = fast_divide(fast_exp2((x - my.target_max) * scale), exponential2_fast(random.word(v)));
+      if (key > race.key) race = {key, v};
+    });
+    winner = block_allreduce<kVerifyThreads>(race);
+  }
+  write_outputs(winner.index);
 }
 
 }  // namespace dspark

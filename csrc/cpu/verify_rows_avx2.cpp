@@ -1,0 +1,46 @@
+// verify's CPU row kernels for x86-64 CPUs with AVX2 and FMA: ATen's AVX2 Vectorized
+// (Sleef's exp2f8_u10, exported by libtorch_cpu). The instruction set is switched on for
+// this file only (#pragma GCC target), so the library still loads on any x86-64 CPU;
+// row_kernels() calls this copy only where the CPU has AVX2, FMA and F16C.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+// The pragma enables the instructions but not the feature macros, which sleef.h and ATen's
+// vec headers test before declaring their 256-bit functions; set them for this file.
+#ifndef __AVX__
+#define __AVX__ 1
+#endif
+#ifndef __AVX2__
+#define __AVX2__ 1
+#endif
+#ifndef __FMA__
+#define __FMA__ 1
+#endif
+#ifndef __F16C__
+#define __F16C__ 1
+#endif
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#include <ATen/cpu/vec/vec.h>
+
+#include "verify_rows.h"
+
+#define DSPARK_ROWS_NS avx2
+#define DSPARK_ROWS_NAME "avx2"
+#include "verify_rows_impl.h"
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+
+namespace dspark::cpu_rows {
+const RowKernels& avx2_row_kernels() { return avx2::kKernels; }
+}  // namespace dspark::cpu_rows
+
+#else
+#include "verify_rows.h"
+
+namespace dspark::cpu_rows {
+const RowKernels& avx2_row_kernels() { return default_row_kernels(); }
+}  // namespace dspark::cpu_rows
+#endif
