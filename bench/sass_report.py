@@ -147,8 +147,10 @@ def source_line(file: str, line: int) -> str:
 
 
 def budget_mark(file: str, line: int) -> tuple[str, int | None] | None:
-    """(name, elements a thread or None) of a "sass budget:" comment on the line or above."""
-    for text in (source_line(file, line), source_line(file, line - 1)):
+    """(name, elements a thread or None) of a "sass budget:" comment on the line, or on the
+    line above when that line is only a comment."""
+    above = source_line(file, line - 1)
+    for text in (source_line(file, line), above if above.startswith("//") else ""):
         m = BUDGET_MARK.search(text)
         if m:
             return m.group(1).strip(), int(m.group(2)) if m.group(2) else None

@@ -36,6 +36,7 @@ struct RowKernels {
 
 const RowKernels& default_row_kernels();
 const RowKernels& avx2_row_kernels();
+const RowKernels& avx512_row_kernels();
 const RowKernels& row_kernels();
 
 inline float sanitize_row(const float* in, int64_t n, float* out) { return row_kernels().sanitize_f32(in, n, out); }

@@ -17,12 +17,16 @@ const RowKernels& default_row_kernels() { return portable::kKernels; }
 
 const RowKernels& row_kernels() {
   static const RowKernels& chosen = [] () -> const RowKernels& {
-    // DSPARK_CPU_KERNELS=portable forces the portable copy (tests compare the two).
+    // DSPARK_CPU_KERNELS=portable (or avx2) forces that copy (tests compare them).
     const char* forced = std::getenv("DSPARK_CPU_KERNELS");
     if (forced != nullptr && std::strcmp(forced, "portable") == 0) return default_row_kernels();
 #if defined(__x86_64__) && defined(__GNUC__)
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-      return avx2_row_kernels();
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+        !(forced != nullptr && std::strcmp(forced, "avx2") == 0))
+      return avx512_row_kernels();
+    if (avx2) return avx2_row_kernels();
 #endif
     return default_row_kernels();
   }();

@@ -49,7 +49,7 @@ void widen(const c10::BFloat16* in, int64_t n, float* out) {
 }
 
 void widen(const c10::Half* in, int64_t n, float* out) {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
   const uint16_t* bits = reinterpret_cast<const uint16_t*>(in);
   int64_t v = 0;
   for (; v + 8 <= n; v += 8)
@@ -66,7 +66,7 @@ float sanitize(const scalar_t* in, int64_t n, float* out) {
   return sanitize_in_place(out, n);
 }
 
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 // bfloat16 in one pass: eight values widened (the top half of a float), sanitised, stored.
 template <>
 float sanitize<c10::BFloat16>(const c10::BFloat16* in, int64_t n, float* out) {
@@ -124,7 +124,7 @@ constexpr int kRaceBlock = 4 * kRaceGroups;   // elements per block
 // words[4 i + k] is word k of group first_group + i. With AVX2, eight groups per vector
 // (the 32x32->64-bit products by vpmuludq on the even and the odd lanes); otherwise in
 // structure-of-arrays form for the compiler.
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 inline void mulhilo8(__m256i x, __m256i multiplier, __m256i& hi, __m256i& lo) {
   const __m256i even = _mm256_mul_epu32(x, multiplier);                         // lanes 0, 2, 4, 6
   const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(x, 32), multiplier);   // lanes 1, 3, 5, 7
@@ -268,7 +268,7 @@ int64_t race(const float* w, int64_t n, float total, uint64_t seed, uint32_t str
       }
     };
     int64_t i = 0;
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
     // Eight candidate tests at once, without branches (the words are random).
     const __m256 vtau = _mm256_set1_ps(tau), vscale = _mm256_set1_ps(upper_scale);
     for (; i + 8 <= count; i += 8) {

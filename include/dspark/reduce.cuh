@@ -113,6 +113,28 @@ __device__ __forceinline__ T block_allreduce(T value, Combine&& combine_fn) {
   return total;
 }
 
+// Reduction over the block with the result in thread 0 only (the others get their warp's
+// value): the warps reduce by shuffles, then warp 0 reduces the kThreads / 32 partials by
+// shuffles too, instead of every thread combining them. Fixed order, like block_allreduce.
+template <int kThreads, typename T, typename Combine>
+__device__ __forceinline__ T block_reduce(T value, Combine&& combine_fn) {
+  static_assert(kThreads % 32 == 0 && kThreads <= 1024 && ((kThreads / 32) & (kThreads / 32 - 1)) == 0,
+                "block size must be a power-of-two number of warps");
+  constexpr int kWarps = kThreads / 32;
+  __shared__ T partial[kWarps];
+  value = warp_allreduce(value, combine_fn);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();  // partial[] may still be read by a previous call
+  if (lane == 0) partial[warp] = value;
+  __syncthreads();
+  if (warp == 0) {
+    value = partial[lane % kWarps];
+#pragma unroll
+    for (int mask = kWarps / 2; mask > 0; mask >>= 1) value = combine_fn(value, shfl_xor(value, mask));
+  }
+  return value;
+}
+
 // The same with combine(a, b) of the type (sum of floats, argmax).
 template <int kThreads, typename T>
 __device__ __forceinline__ T block_allreduce(T value) {

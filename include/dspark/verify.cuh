@@ -258,7 +258,7 @@ struct Slice {
 };
 
 // Max, base-2 mass and race leader of a set of elements; the leader's key is relative to
-// `max` like the mass. Merged by block_allreduce (fixed order) and across slices.
+// `max` like the mass. Merged by block_reduce (fixed order) and across slices.
 struct MassStats {
   float max;
   float sum;
@@ -275,6 +275,21 @@ __device__ __forceinline__ MassStats merge_mass(MassStats a, MassStats b, float 
   const bool b_wins = b.index >= 0 && (a.index < 0 || kb > ka || (kb == ka && b.index < a.index));
   return {m, a.sum * fa + b.sum * fb, b_wins ? kb : ka, b_wins ? b.index : a.index};
 }
+
+// Max and base-2 mass only (rows without a race): a cheaper merge for the reductions.
+struct Mass {
+  float max;
+  float sum;
+};
+
+__device__ __forceinline__ Mass merge_mass(Mass a, Mass b, float scale) {
+  if (b.max == -INFINITY) return a;
+  if (a.max == -INFINITY) return b;
+  const float m = fmaxf(a.max, b.max);
+  return {m, a.sum * fast_exp2((a.max - m) * scale) + b.sum * fast_exp2((b.max - m) * scale)};
+}
+
+__device__ __forceinline__ Mass shfl_xor(Mass v, int mask) { return {shfl_xor(v.max, mask), shfl_xor(v.sum, mask)}; }
 
 __device__ __forceinline__ MassStats shfl_xor(MassStats v, int mask) {
   return {shfl_xor(v.max, mask), shfl_xor(v.sum, mask), shfl_xor(v.key, mask), __shfl_xor_sync(0xFFFFFFFFu, v.index, mask)};
@@ -413,12 +428,14 @@ __global__ void __launch_bounds__(kVerifyThreads) verify_slices_kernel(const T* 
 
   if (!(temperature > 0.f)) {
     const ArgMax thread_best = slice_argmax(target_row, vocab, slice);  // sass budget: greedy pass (32 elements a thread)
-    const ArgMax best = block_allreduce<kVerifyThreads>(thread_best);
+    // sass budget: slice reduction (32 elements a thread)
+    const ArgMax best = block_reduce<kVerifyThreads>(thread_best, [](ArgMax a, ArgMax c) { return merge(a, c); });
     out.key = best.key;
     out.index = static_cast<int32_t>(best.index);
   } else {
     const float scale = exp2_scale(temperature);
     const auto merge = [scale](MassStats a, MassStats c) { return merge_mass(a, c, scale); };
+    const auto merge_plain = [scale](Mass a, Mass c) { return merge_mass(a, c, scale); };
     const int64_t top_k = p.top_k ? p.top_k[b] : 0;
     const float top_p = p.top_p ? p.top_p[b] : 1.f;
     const bool filtered = (top_k > 0 && top_k < p.vocab) || top_p < 1.f;
@@ -434,10 +451,13 @@ __global__ void __launch_bounds__(kVerifyThreads) verify_slices_kernel(const T* 
       if (bonus) {
         // sass budget: bonus row pass (32 elements a thread)
         t = slice_mass<true>(target_row, vocab, slice, scale, seed, static_cast<uint32_t>(length), round_offset);
+        t = block_reduce<kVerifyThreads>(t, merge);  // sass budget: slice reduction (32 elements a thread)
       } else {
         t = slice_mass<false>(target_row, vocab, slice, scale, 0, 0, 0);  // sass budget: plain row pass (32 elements a thread)
+        // sass budget: slice reduction (32 elements a thread)
+        const Mass m = block_reduce<kVerifyThreads>(Mass{t.max, t.sum}, merge_plain);
+        t = {m.max, m.sum, 0.f, -1};
       }
-      t = block_allreduce<kVerifyThreads>(t, merge);
     }
     out.target_max = t.max;
     out.target_sum = t.sum;
@@ -445,8 +465,9 @@ __global__ void __launch_bounds__(kVerifyThreads) verify_slices_kernel(const T* 
     out.index = t.index;
     if (kHasDraft && !bonus) {
       const T* draft_row = draft_logits + (b * p.max_draft + j) * p.vocab;
-      MassStats d = slice_mass<false>(draft_row, vocab, slice, scale, 0, 0, 0);  // sass budget: draft row pass (32 elements a thread)
-      d = block_allreduce<kVerifyThreads>(d, merge);
+      const MassStats d_thread = slice_mass<false>(draft_row, vocab, slice, scale, 0, 0, 0);  // sass budget: draft row pass (32 elements a thread)
+      // sass budget: slice reduction (32 elements a thread)
+      const Mass d = block_reduce<kVerifyThreads>(Mass{d_thread.max, d_thread.sum}, merge_plain);
       out.draft_max = d.max;
       out.draft_sum = d.sum;
     }
@@ -645,9 +666,11 @@ __global__ void __launch_bounds__(kVerifyThreads) verify_finish_kernel(const T* 
   const uint64_t round_offset = static_cast<uint64_t>(p.offset[b]);
   {
     const T* draft_row = kHasDraft ? draft_logits + (b * p.max_draft + j) * p.vocab : nullptr;
-    const ArgMax thread_best =  // sass budget: residual pass (32 elements a thread)
-        residual_slice<T, kHasDraft>(target_row, draft_row, vocab, slice, token, seed, round_offset, scale, my);
-    const ArgMax winner = block_allreduce<kVerifyThreads>(thread_best);
+    // sass budget: residual pass (32 elements a thread)
+    const ArgMax thread_best = residual_slice<T, kHasDraft>(
+        target_row, draft_row, vocab, slice, token, seed, round_offset, scale, my);
+    // sass budget: slice reduction (32 elements a thread)
+    const ArgMax winner = block_reduce<kVerifyThreads>(thread_best, [](ArgMax a, ArgMax c) { return merge(a, c); });
     if (threadIdx.x == 0) {
       p.residuals[b * p.slices + slice] = {winner.key, static_cast<int32_t>(winner.index)};
       __threadfence();  // the partial is visible before the count says so
