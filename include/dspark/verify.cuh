@@ -680,7 +680,7 @@ __global__ void __launch_bounds__(kVerifyThreads) verify_finish_kernel(const T* 
   if (threadIdx.x == 0) last = atomicAdd(&p.finished[b], 1u) == static_cast<uint32_t>(p.slices) - 1;
   __syncthreads();
   if (!last) return;
-  __threadfence();
+  __threadfence();  // orders the reads of the other blocks' partials after the count
   // The last block: merge the slices' winners in slice order.
   ArgMax winner{0.f, -1};
   const volatile ResidualPartial* residuals = p.residuals + b * p.slices;  // written by other blocks

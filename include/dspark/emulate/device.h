@@ -162,19 +162,9 @@ void launch(const char* kernel_name, void (*kernel)(Params...), dim3 grid, dim3 
 
 // ---------------------------------------------------------------- atomics
 // Relaxed, like CUDA's atomics: they order nothing else (ThreadSanitizer sees them as atomic).
-// Except after __threadfence(): the next atomicAdd of that block worker is acquire-release,
-// which is what the fence + atomic pattern ("the last block to finish reads what the others
-// wrote") gives on a GPU; a kernel that forgets the fence gets a relaxed add, and a
-// ThreadSanitizer report.
-namespace dspark::emulate {
-inline thread_local bool fence_pending = false;
-}
-inline void __threadfence() { ::dspark::emulate::fence_pending = true; }
 template <typename T>
 inline T atomicAdd(T* address, T value) {
-  const bool fenced = ::dspark::emulate::fence_pending;
-  ::dspark::emulate::fence_pending = false;
-  return std::atomic_ref<T>(*address).fetch_add(value, fenced ? std::memory_order_acq_rel : std::memory_order_relaxed);
+  return std::atomic_ref<T>(*address).fetch_add(value, std::memory_order_relaxed);
 }
 template <typename T>
 inline T atomicSub(T* address, T value) {
@@ -284,6 +274,7 @@ inline float __logf(float x) { return std::log(x); }
 inline float __fdividef(float a, float b) { return a / b; }
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 
+inline void __threadfence() {}
 inline void __threadfence_block() {}
 
 // CUDA's min/max overloads of device code, for any pair of arithmetic types (floats as
