@@ -37,6 +37,8 @@ struct RowKernels {
 const RowKernels& default_row_kernels();
 const RowKernels& avx2_row_kernels();
 const RowKernels& avx512_row_kernels();
+bool avx2_sleef_linked();    // Sleef's 256-bit routines resolved at load time
+bool avx512_sleef_linked();  // the 512-bit ones
 const RowKernels& row_kernels();
 
 inline float sanitize_row(const float* in, int64_t n, float* out) { return row_kernels().sanitize_f32(in, n, out); }

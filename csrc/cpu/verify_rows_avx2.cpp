@@ -33,8 +33,18 @@
 #pragma GCC diagnostic pop
 #pragma GCC pop_options
 
+// Sleef's routines come from libtorch_cpu, which exports them in the torch releases we
+// know; weak references keep this library loadable where one does not, and then
+// row_kernels() does not pick this copy.
+#pragma weak Sleef_exp2f8_u10
+#pragma weak Sleef_log2f8_u10
+#pragma weak Sleef_log1pf8_u10
+
 namespace dspark::cpu_rows {
 const RowKernels& avx2_row_kernels() { return avx2::kKernels; }
+bool avx2_sleef_linked() {
+  return &Sleef_exp2f8_u10 != nullptr && &Sleef_log2f8_u10 != nullptr && &Sleef_log1pf8_u10 != nullptr;
+}
 }  // namespace dspark::cpu_rows
 
 #else
@@ -42,5 +52,6 @@ const RowKernels& avx2_row_kernels() { return avx2::kKernels; }
 
 namespace dspark::cpu_rows {
 const RowKernels& avx2_row_kernels() { return default_row_kernels(); }
+bool avx2_sleef_linked() { return false; }
 }  // namespace dspark::cpu_rows
 #endif

@@ -47,8 +47,18 @@
 #pragma GCC diagnostic pop
 #pragma GCC pop_options
 
+// Sleef's routines come from libtorch_cpu, which exports them in the torch releases we
+// know; weak references keep this library loadable where one does not, and then
+// row_kernels() does not pick this copy.
+#pragma weak Sleef_exp2f16_u10
+#pragma weak Sleef_log2f16_u10
+#pragma weak Sleef_log1pf16_u10
+
 namespace dspark::cpu_rows {
 const RowKernels& avx512_row_kernels() { return avx512::kKernels; }
+bool avx512_sleef_linked() {
+  return &Sleef_exp2f16_u10 != nullptr && &Sleef_log2f16_u10 != nullptr && &Sleef_log1pf16_u10 != nullptr;
+}
 }  // namespace dspark::cpu_rows
 
 #else
@@ -56,5 +66,6 @@ const RowKernels& avx512_row_kernels() { return avx512::kKernels; }
 
 namespace dspark::cpu_rows {
 const RowKernels& avx512_row_kernels() { return avx2_row_kernels(); }
+bool avx512_sleef_linked() { return false; }
 }  // namespace dspark::cpu_rows
 #endif

@@ -21,8 +21,9 @@ const RowKernels& row_kernels() {
     const char* forced = std::getenv("DSPARK_CPU_KERNELS");
     if (forced != nullptr && std::strcmp(forced, "portable") == 0) return default_row_kernels();
 #if defined(__x86_64__) && defined(__GNUC__)
-    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-    if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                      __builtin_cpu_supports("f16c") && avx2_sleef_linked();
+    if (avx2 && avx512_sleef_linked() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
         !(forced != nullptr && std::strcmp(forced, "avx2") == 0))
       return avx512_row_kernels();
