@@ -25,14 +25,10 @@ constexpr float kNegInf = -INFINITY;
 // kept tokens, p_v = w_v * (1 / S).
 struct RowDistribution {
   std::vector<float> logits;  // [V] x_v = sanitize(logit_v)
-  float scale = 1.f;          // s = exp2_scale(T)
-  float threshold = kNegInf;  // kept iff x_v >= threshold and x_v > -inf
-  float row_max = 0.f;        // m over kept tokens (0 if none)
   float mass = 0.f;           // S = sum over kept of w_v
   float inverse_mass = 0.f;   // 1 / S (0 if S = 0)
-  std::vector<float> weights; // [V] w_v if kept, else 0
+  std::vector<float> weights; // [V] w_v if kept (x_v >= the filter's threshold), else 0
 
-  bool kept(int64_t v) const { return logits[v] > kNegInf && logits[v] >= threshold; }
   float prob(int64_t v) const { return weights[v] * inverse_mass; }
 };
 
@@ -81,12 +77,10 @@ void build_distribution(const scalar_t* logits, int64_t vocab, float scale, int3
   dist.logits.resize(vocab);
   // The max of the row is kept by any filter, so it is the max over the kept tokens.
   const float row_max = cpu_rows::sanitize_row(logits, vocab, dist.logits.data());
-  dist.scale = scale;
-  dist.threshold = filter_threshold(dist.logits, scale, top_k, top_p);
-  dist.row_max = row_max > kNegInf ? row_max : 0.f;
+  const float threshold = filter_threshold(dist.logits, scale, top_k, top_p);
   dist.weights.resize(vocab);
-  dist.mass = cpu_rows::row_kernels().weights(dist.logits.data(), vocab, dist.row_max, scale, dist.threshold,
-                                              dist.weights.data());
+  dist.mass = cpu_rows::row_kernels().weights(dist.logits.data(), vocab, row_max > kNegInf ? row_max : 0.f, scale,
+                                              threshold, dist.weights.data());
   dist.inverse_mass = dist.mass > 0.f ? 1.f / dist.mass : 0.f;
 }
 

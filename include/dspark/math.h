@@ -166,11 +166,6 @@ inline float exponential2_spec(uint32_t x) {
   return -std::log1p(-std::fma(static_cast<float>(~x), 0x1p-32f, 0x1p-33f)) * kLog2e;
 }
 
-// A lower bound of exponential2_spec over all words (its minimum, at 0xffffffff, is
-// 1.68e-10; tests_cpp/test_math.cpp checks the bound): a race key w / E' never exceeds
-// w / kMinExponential2, which lets a race skip weights too small to win.
-constexpr float kMinExponential2 = 1.6e-10f;
-
 // Base-2 logarithm: one MUFU instruction on a GPU (absolute error about 2^-22), the
 // accurate function elsewhere (the CUDA emulation, the C++ tests).
 DSPARK_HOST_DEVICE float fast_log2(float x) {

@@ -95,40 +95,41 @@ __device__ __forceinline__ T warp_allreduce(T value) {
   return warp_allreduce(value, [](T a, T b) { return combine(a, b); });
 }
 
+// The first step of both block reductions: each warp reduces by shuffles and its lane 0
+// publishes the result; returns the kThreads / 32 partials (shared memory), readable
+// by every thread until the next call.
+template <int kThreads, typename T, typename Combine>
+__device__ __forceinline__ const T* warp_partials(T value, Combine&& combine_fn) {
+  static_assert(kThreads % 32 == 0 && kThreads <= 1024, "block size must be a multiple of 32");
+  __shared__ T partial[kThreads / 32];
+  value = warp_allreduce(value, combine_fn);
+  __syncthreads();  // partial[] may still be read by a previous call
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = value;
+  __syncthreads();
+  return partial;
+}
+
 // Reduction over the block, result in every thread. The combination order is fixed by
 // the thread layout, so the result is the same run after run. kThreads is the block size.
 template <int kThreads, typename T, typename Combine>
 __device__ __forceinline__ T block_allreduce(T value, Combine&& combine_fn) {
-  static_assert(kThreads % 32 == 0 && kThreads <= 1024, "block size must be a multiple of 32");
-  constexpr int kWarps = kThreads / 32;
-  __shared__ T partial[kWarps];
-  value = warp_allreduce(value, combine_fn);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __syncthreads();  // partial[] may still be read by a previous call
-  if (lane == 0) partial[warp] = value;
-  __syncthreads();
+  const T* partial = warp_partials<kThreads>(value, combine_fn);
   T total = partial[0];
 #pragma unroll
-  for (int w = 1; w < kWarps; ++w) total = combine_fn(total, partial[w]);
+  for (int w = 1; w < kThreads / 32; ++w) total = combine_fn(total, partial[w]);
   return total;
 }
 
-// Reduction over the block with the result in thread 0 only (the others get their warp's
-// value): the warps reduce by shuffles, then warp 0 reduces the kThreads / 32 partials by
-// shuffles too, instead of every thread combining them. Fixed order, like block_allreduce.
+// Reduction over the block with the result in thread 0 only: warp 0 reduces the warps'
+// partials by shuffles too, instead of every thread combining them. Fixed order, like
+// block_allreduce.
 template <int kThreads, typename T, typename Combine>
 __device__ __forceinline__ T block_reduce(T value, Combine&& combine_fn) {
-  static_assert(kThreads % 32 == 0 && kThreads <= 1024 && ((kThreads / 32) & (kThreads / 32 - 1)) == 0,
-                "block size must be a power-of-two number of warps");
   constexpr int kWarps = kThreads / 32;
-  __shared__ T partial[kWarps];
-  value = warp_allreduce(value, combine_fn);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __syncthreads();  // partial[] may still be read by a previous call
-  if (lane == 0) partial[warp] = value;
-  __syncthreads();
-  if (warp == 0) {
-    value = partial[lane % kWarps];
+  static_assert((kWarps & (kWarps - 1)) == 0, "block size must be a power-of-two number of warps");
+  const T* partial = warp_partials<kThreads>(value, combine_fn);
+  if (threadIdx.x < 32) {
+    value = partial[threadIdx.x % kWarps];
 #pragma unroll
     for (int mask = kWarps / 2; mask > 0; mask >>= 1) value = combine_fn(value, shfl_xor(value, mask));
   }
