@@ -595,8 +595,8 @@ class LoadAwareScheduler:
     Cost and yield of n admitted drafts (module doc): ``T(n) = draft_cost(B) +
     verify_cost(base_tokens + n)``, ``tau(n) = E + S_n``. ``max_tokens`` caps
     ``base_tokens + n``: at most ``room = max(0, max_tokens - base_tokens)`` drafts, in
-    every mode (the cap is a hard limit, e.g. the logits a step can hold; a padded
-    size above it is never considered).
+    every mode (the cap is a hard limit, e.g. the logits a step can hold). It counts the
+    step's real tokens: the padded size it is priced at may exceed it.
 
     Modes:
 
