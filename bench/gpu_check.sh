@@ -13,9 +13,15 @@
 #   racecheck   (SKIP with the reason where the sanitizer is absent or refused)
 #   bench       bench/bench_verify.py --device cuda --quick          -> bench.log,
 #               verify_cuda.json, verify_cuda.png
+#   flashinfer  FlashInfer's speculative-sampling pipeline (softmax, top-k/top-p renorm,
+#               chain_speculative_sampling) on the same shapes, for comparison: builds
+#               bench/flashinfer/fi_bench.cu against .flashinfer/ (the headers that
+#               bench/flashinfer/prepare.sh extracts; carry ".flashinfer") -> bench.log,
+#               flashinfer_cuda.json (SKIP where .flashinfer/ is absent)
 #   bench-more  bench/bench_markov.py --quick --no-compile, bench/bench_confidence.py --quick,
 #               bench/bench_scheduler.py                             -> bench.log
-# Output folder: $OUT if set, else ./gpu_check_out (at most 7 files, none nested).
+# Output folder: $OUT if set, else ./gpu_check_out (at most 8 files, none nested: the device
+# machine returns no more).
 # Every step has a time limit, shortened as needed so that the whole check ends within
 # DSPARK_GPU_CHECK_BUDGET seconds (default 470), with time kept back for the bench.
 #
@@ -244,9 +250,45 @@ else
     else record FAIL bench $(( SECONDS - step_start )) "rc $rc: $(tail -n 1 "$BENCH_LOG" | cut -c1-200)"; fi
 fi
 
-# ---------------------------------------------------------------- (f) other benches
+# ---------------------------------------------------------------- (f) FlashInfer comparison
+# FlashInfer's pipeline on bench_verify's quick grid (bench/flashinfer/fi_bench.cu: one nvcc
+# call against the carried headers, no torch; MAX_JOBS sets its --split-compile threads).
+step_start=$SECONDS
+FI_JSON=$OUT/flashinfer_cuda.json
+rm -f "$FI_JSON"
+if [ ! -f .flashinfer/include/flashinfer/sampling.cuh ]; then
+    record SKIP flashinfer 0 "no .flashinfer/: run bench/flashinfer/prepare.sh here and carry .flashinfer"
+elif (( ! HAVE_GPU )); then record SKIP flashinfer 0 "no GPU (.flashinfer/ $(cat .flashinfer/VERSION 2>/dev/null) present)"
+else
+    t=$(limit 90 0)
+    fi_version=$(cat .flashinfer/VERSION 2>/dev/null || echo unknown)
+    if (( t < 45 )); then record SKIP flashinfer 0 "only ${t}s of the budget left (build and run need ~45-90s)"
+    else
+        deadline=$(( SECONDS + t ))
+        section "$BENCH_LOG" "FlashInfer $fi_version pipeline: bench/flashinfer/build.sh + fi_bench (limit ${t}s)"
+        before=$(wc -l <"$BENCH_LOG")
+        MAX_JOBS=${MAX_JOBS:-16} PYTHON=$PY timeout "$t" bash bench/flashinfer/build.sh build/flashinfer/fi_bench >>"$BENCH_LOG" 2>&1
+        rc=$?
+        if (( rc == 124 )); then record FAIL flashinfer $(( SECONDS - step_start )) "build timed out after ${t}s"
+        elif (( rc != 0 )); then
+            record FAIL flashinfer $(( SECONDS - step_start )) "build rc $rc: $(tail -n +"$((before + 1))" "$BENCH_LOG" | grep -m1 -E 'error' | cut -c1-160)"
+        else
+            left=$(( deadline - SECONDS )); (( left < 15 )) && left=15
+            timeout "$left" build/flashinfer/fi_bench --reps 10 --warmup 3 --flashinfer-version "$fi_version" \
+                --out "$FI_JSON" >>"$BENCH_LOG" 2>&1
+            rc=$?
+            fi_line=$("$PY" bench/flashinfer/summarize.py "$FI_JSON" "$OUT/verify_cuda.json" 2>&1 | head -n 1 | cut -c1-400)
+            "$PY" bench/flashinfer/summarize.py "$FI_JSON" "$OUT/verify_cuda.json" --table >>"$BENCH_LOG" 2>&1
+            if (( rc == 0 )); then record PASS flashinfer $(( SECONDS - step_start )) "$fi_line"
+            elif (( rc == 124 )); then record FAIL flashinfer $(( SECONDS - step_start )) "fi_bench timed out after ${left}s"
+            else record FAIL flashinfer $(( SECONDS - step_start )) "rc $rc: $(tail -n +"$((before + 1))" "$BENCH_LOG" | grep '^fi_bench:' | tail -n 1 | cut -c1-160); $fi_line"; fi
+        fi
+    fi
+fi
+
+# ---------------------------------------------------------------- (g) other benches
 # markov_draft, confidence and scheduler: their tables go to bench.log (JSON/PNG stay in a scratch
-# folder: the device returns at most 8 files).
+# folder: the device returns at most 8 files, and $OUT holds 8 already).
 step_start=$SECONDS
 if (( ! HAVE_GPU )); then record SKIP bench-more 0 "no GPU"
 else
@@ -271,6 +313,11 @@ fi
     if grep -q '^| B ' "$BENCH_LOG"; then
         echo
         sed -n '/^### verify/,/^summary:/p' "$BENCH_LOG"
+    fi
+    if grep -q '^### FlashInfer .* vs dspark verify' "$BENCH_LOG"; then
+        echo
+        awk '/^### FlashInfer .* vs dspark verify/ { p = 1 }
+             p { if (rows && $0 !~ /^\|/) exit; if ($0 ~ /^\|/) rows = 1; print }' "$BENCH_LOG"
     fi
 } | tee -a "$SUMMARY"
 grep -q '^FAIL' "$SUMMARY" && exit 1
