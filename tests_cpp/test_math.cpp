@@ -110,8 +110,10 @@ void test_counter_layout() {
       const dspark::Philox4 expected = dspark::philox4x32_10(counter, key0, key1);
 
       const dspark::Philox4 group = dspark::random_group(c.seed, c.stream, c.position, c.offset, v >> 2);
+      const dspark::Philox4 keyed =
+          dspark::random_group(dspark::philox_keys(c.seed), c.stream, c.position, c.offset, v >> 2);
       for (int i = 0; i < 4; ++i) {
-        if (group.x[i] != expected.x[i]) {
+        if (group.x[i] != expected.x[i] || keyed.x[i] != expected.x[i]) {
           if (group_mismatches++ == 0) {
             char buf[256];
             std::snprintf(buf, sizeof(buf),
@@ -135,7 +137,8 @@ void test_counter_layout() {
       }
     }
   }
-  check(group_mismatches == 0, "random_group counter/key layout matches direct philox calls",
+  check(group_mismatches == 0,
+        "random_group (and with precomputed round keys) counter/key layout matches direct philox calls",
         "%d mismatching words, first: %s", group_mismatches, first_group_failure.c_str());
   check(word_mismatches == 0, "random_word(v) is word v&3 of group v>>2",
         "%d mismatches, first: %s", word_mismatches, first_word_failure.c_str());

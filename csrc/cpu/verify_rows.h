@@ -1,9 +1,10 @@
-// The row kernels of the CPU verify: sanitising a row to float32 (and its max) and the
-// base-2 weights exp2((x - m) * s) of a row (and their sum), vectorised with ATen's
-// at::vec::Vectorized (Sleef's exp2 under AVX2/AVX-512). Compiled once per instruction
-// set (verify_rows_default.cpp, verify_rows_avx2.cpp); row_kernels() picks the best the
-// CPU has, once. The results of one machine do not depend on the batch (each row is
-// reduced alone, in a fixed order), so verify stays batch-invariant.
+// The row kernels of the CPU verify: sanitising a row to float32 (and its max), its base-2
+// weights exp2((x - m) * s) (and their sum), the residual of a row pair and the race,
+// vectorised with ATen's at::vec::Vectorized (Sleef's exp2 under AVX2/AVX-512). Compiled
+// once per instruction set (verify_rows_default.cpp, verify_rows_avx2.cpp,
+// verify_rows_avx512.cpp); row_kernels() picks the best the CPU has, once. The results of
+// one machine do not depend on the batch (each row is reduced alone, in a fixed order), so
+// verify stays batch-invariant.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -20,9 +21,12 @@ struct RowKernels {
   float (*sanitize_f32)(const float* in, int64_t n, float* out);
   float (*sanitize_bf16)(const c10::BFloat16* in, int64_t n, float* out);
   float (*sanitize_f16)(const c10::Half* in, int64_t n, float* out);
-  // w[v] = exp2((x[v] - m) * s) if x[v] >= threshold, else 0 (x = -inf gives 0); returns
-  // the sum of w.
+  // w[v] = exp2((x[v] - m) * s) if x[v] >= threshold, else 0 (x = -inf gives 0), x
+  // sanitised; returns the sum of w.
   float (*weights)(const float* x, int64_t n, float m, float s, float threshold, float* w);
+  // r[v] = max(w_t[v] * inv_t - w_d[v] * inv_d, 0) (w_d = nullptr: a zero draft
+  // distribution); returns the sum of r (in a vector-dependent order: a hint, see race).
+  float (*residual)(const float* w_t, float inv_t, const float* w_d, float inv_d, int64_t n, float* r);
   // The race of verify: argmax_v w[v] / E'_v over w[v] > 0 (ties to the smaller v), E' =
   // exponential2_spec of the Philox words of (seed, stream, position, offset); -1 if none.
   // `total` is (about) the sum of w. Exact, with a shortcut: the winning key exceeds
@@ -46,10 +50,5 @@ inline float sanitize_row(const c10::BFloat16* in, int64_t n, float* out) {
   return row_kernels().sanitize_bf16(in, n, out);
 }
 inline float sanitize_row(const c10::Half* in, int64_t n, float* out) { return row_kernels().sanitize_f16(in, n, out); }
-// (double is rejected by the argument checks; this keeps AT_DISPATCH's instantiation valid)
-inline float sanitize_row(const double* in, int64_t n, float* out) {
-  for (int64_t v = 0; v < n; ++v) out[v] = static_cast<float>(in[v]);
-  return row_kernels().sanitize_f32(out, n, out);
-}
 
 }  // namespace dspark::cpu_rows

@@ -15,89 +15,82 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 
-// sanitize in place over float32 values, returning the max.
-float sanitize_in_place(float* x, int64_t n) {
-  const Vec neg_inf(-INFINITY), limit(kLogitLimit);
-  Vec best(-INFINITY);
-  int64_t v = 0;
-  for (; v + Vec::size() <= n; v += Vec::size()) {
-    Vec y = Vec::loadu(x + v);
-    y = Vec::blendv(y, neg_inf, y.isnan());  // NaN -> -inf
-    y = at::vec::minimum(y, limit);         // +inf and > FLT_MAX/2 -> FLT_MAX/2
-    y.store(x + v);
-    best = at::vec::maximum(best, y);
-  }
-  float m = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, best);
-  for (; v < n; ++v) {  // sanitize_logit, written out (no shared inline function in a per-ISA file)
-    x[v] = x[v] != x[v] ? -INFINITY : (x[v] > kLogitLimit ? kLogitLimit : x[v]);
-    m = x[v] > m ? x[v] : m;
-  }
-  return m;
+// sanitize on a vector: NaN -> -inf, +inf and > FLT_MAX/2 -> FLT_MAX/2.
+inline Vec sanitize_vec(Vec y) {
+  y = Vec::blendv(y, Vec(-INFINITY), y.isnan());
+  return at::vec::minimum(y, Vec(kLogitLimit));  // no NaN left
 }
+
+// sanitize_logit, written out (no shared inline function in a per-instruction-set file).
+inline float sanitize_one(float x) { return x != x ? -INFINITY : (x > kLogitLimit ? kLogitLimit : x); }
 
 // Widening to float32 without c10's inline conversions, whose copies compiled for AVX2
 // could be picked by the linker for the rest of the library (bfloat16 is the top half of
-// a float; half goes through F16C under AVX2).
-void widen(const float* in, int64_t n, float* out) {
-  if (in != out) std::memmove(out, in, n * sizeof(float));
+// a float; half goes through F16C with AVX2/AVX-512).
+inline float widen_one(float x) { return x; }
+inline float widen_one(c10::BFloat16 x) {
+  uint32_t wide = static_cast<uint32_t>(reinterpret_cast<const uint16_t&>(x)) << 16;
+  float out;
+  std::memcpy(&out, &wide, sizeof(out));
+  return out;
 }
-
-void widen(const c10::BFloat16* in, int64_t n, float* out) {
-  const uint16_t* bits = reinterpret_cast<const uint16_t*>(in);
-  uint32_t* wide = reinterpret_cast<uint32_t*>(out);
-  for (int64_t v = 0; v < n; ++v) wide[v] = static_cast<uint32_t>(bits[v]) << 16;  // vectorised by the compiler
-}
-
-void widen(const c10::Half* in, int64_t n, float* out) {
+inline float widen_one(c10::Half x) {
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-  const uint16_t* bits = reinterpret_cast<const uint16_t*>(in);
-  int64_t v = 0;
-  for (; v + 8 <= n; v += 8)
-    _mm256_storeu_ps(out + v, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bits + v))));
-  for (; v < n; ++v) out[v] = _cvtsh_ss(bits[v]);
+  return _cvtsh_ss(reinterpret_cast<const uint16_t&>(x));
 #else
-  for (int64_t v = 0; v < n; ++v) out[v] = static_cast<float>(in[v]);
+  return static_cast<float>(x);
 #endif
 }
 
-template <typename scalar_t>
-float sanitize(const scalar_t* in, int64_t n, float* out) {
-  widen(in, n, out);
-  return sanitize_in_place(out, n);
+// The Vec::size() values of a row at p, widened and sanitised.
+inline Vec load_sanitized(const float* p) { return sanitize_vec(Vec::loadu(p)); }
+
+inline Vec load_sanitized(const c10::BFloat16* p) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512i raw = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return sanitize_vec(Vec(_mm512_castsi512_ps(_mm512_slli_epi32(raw, 16))));
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256i raw = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return sanitize_vec(Vec(_mm256_castsi256_ps(_mm256_slli_epi32(raw, 16))));
+#else
+  alignas(64) float wide[Vec::size()];
+  for (int l = 0; l < Vec::size(); ++l) wide[l] = widen_one(p[l]);
+  return sanitize_vec(Vec::loadu(wide));
+#endif
 }
 
-#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-// bfloat16 in one pass: eight values widened (the top half of a float), sanitised, stored.
-template <>
-float sanitize<c10::BFloat16>(const c10::BFloat16* in, int64_t n, float* out) {
-  const __m256 neg_inf = _mm256_set1_ps(-INFINITY), limit = _mm256_set1_ps(kLogitLimit);
-  __m256 best = neg_inf;
-  const uint16_t* bits = reinterpret_cast<const uint16_t*>(in);
+inline Vec load_sanitized(const c10::Half* p) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return sanitize_vec(Vec(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))));
+#elif defined(CPU_CAPABILITY_AVX2)
+  return sanitize_vec(Vec(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))));
+#else
+  alignas(64) float wide[Vec::size()];
+  for (int l = 0; l < Vec::size(); ++l) wide[l] = widen_one(p[l]);
+  return sanitize_vec(Vec::loadu(wide));
+#endif
+}
+
+// out[v] = sanitize(float(in[v])), returning the max (in may be out for float32).
+template <typename scalar_t>
+float sanitize(const scalar_t* in, int64_t n, float* out) {
+  Vec best(-INFINITY);
   int64_t v = 0;
-  for (; v + 8 <= n; v += 8) {
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bits + v));
-    __m256 y = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-    y = _mm256_blendv_ps(y, neg_inf, _mm256_cmp_ps(y, y, _CMP_UNORD_Q));  // NaN -> -inf
-    y = _mm256_min_ps(y, limit);                                          // no NaN left
-    _mm256_storeu_ps(out + v, y);
-    best = _mm256_max_ps(best, y);
+  for (; v + Vec::size() <= n; v += Vec::size()) {
+    const Vec y = load_sanitized(in + v);
+    y.store(out + v);
+    best = at::vec::maximum(best, y);
   }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, best);
-  float m = -INFINITY;
-  for (float lane : lanes) m = lane > m ? lane : m;
+  float m = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, best);
   for (; v < n; ++v) {
-    uint32_t wide = static_cast<uint32_t>(bits[v]) << 16;
-    float x;
-    std::memcpy(&x, &wide, sizeof(x));
-    x = x != x ? -INFINITY : (x > kLogitLimit ? kLogitLimit : x);
-    out[v] = x;
-    m = x > m ? x : m;
+    out[v] = sanitize_one(widen_one(in[v]));
+    m = out[v] > m ? out[v] : m;
   }
   return m;
 }
-#endif
 
+// w[v] = exp2((x[v] - m) * s) if x[v] >= threshold else 0, x sanitised; returns the sum of
+// w (per-lane partial sums in chunk order, then the tail).
 float weights(const float* x, int64_t n, float m, float s, float threshold, float* w) {
   const Vec vm(m), vs(s), vt(threshold), zero(0.f);
   Vec sum(0.f);
@@ -113,6 +106,28 @@ float weights(const float* x, int64_t n, float m, float s, float threshold, floa
   for (; v < n; ++v) {
     w[v] = x[v] >= threshold ? std::exp2((x[v] - m) * s) : 0.f;
     total += w[v];
+  }
+  return total;
+}
+
+// r[v] = max(w_t[v] * inv_t - w_d[v] * inv_d, 0) (w_d = nullptr: 0); returns about the sum.
+float residual(const float* wt, float inv_t, const float* wd, float inv_d, int64_t n, float* r) {
+  const Vec vt(inv_t), vd(inv_d), zero(0.f);
+  Vec sum(0.f);
+  int64_t v = 0;
+  for (; v + Vec::size() <= n; v += Vec::size()) {
+    const Vec p_target = Vec::loadu(wt + v) * vt;
+    const Vec p_draft = wd != nullptr ? Vec::loadu(wd + v) * vd : zero;
+    const Vec out = at::vec::maximum(p_target - p_draft, zero);
+    out.store(r + v);
+    sum = sum + out;
+  }
+  float total = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, sum);
+  for (; v < n; ++v) {
+    const float p_draft = wd != nullptr ? wd[v] * inv_d : 0.f;
+    const float difference = wt[v] * inv_t - p_draft;
+    r[v] = difference > 0.f ? difference : 0.f;
+    total += r[v];
   }
   return total;
 }
@@ -299,6 +314,6 @@ int64_t race(const float* w, int64_t n, float total, uint64_t seed, uint32_t str
 }  // namespace
 
 const RowKernels kKernels{DSPARK_ROWS_NAME, &sanitize<float>, &sanitize<c10::BFloat16>, &sanitize<c10::Half>,
-                          &weights, &race};
+                          &weights, &residual, &race};
 
 }  // namespace dspark::cpu_rows::DSPARK_ROWS_NS

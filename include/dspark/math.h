@@ -63,6 +63,48 @@ DSPARK_HOST_DEVICE Philox4 philox4x32_10(Philox4 counter, uint32_t key0, uint32_
   return counter;
 }
 
+// The round keys of Philox-4x32-10 for one key, computed once by callers that draw many
+// groups with it (the unrolled kernels would otherwise recompute them per group).
+struct PhiloxKeys {
+  uint32_t k0[10];
+  uint32_t k1[10];
+};
+
+DSPARK_HOST_DEVICE PhiloxKeys philox_keys(uint64_t seed) {
+  PhiloxKeys keys;
+  uint32_t key0 = static_cast<uint32_t>(seed), key1 = static_cast<uint32_t>(seed >> 32);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int round = 0; round < 10; ++round) {
+    keys.k0[round] = key0;
+    keys.k1[round] = key1;
+    key0 += 0x9E3779B9u;
+    key1 += 0xBB67AE85u;
+  }
+  return keys;
+}
+
+// philox4x32_10 with precomputed round keys: the same words.
+DSPARK_HOST_DEVICE Philox4 philox4x32_10(Philox4 counter, const PhiloxKeys& keys) {
+  constexpr uint32_t kMul0 = 0xD2511F53u, kMul1 = 0xCD9E8D57u;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int round = 0; round < 10; ++round) {
+    uint32_t hi0, lo0, hi1, lo1;
+    mulhilo32(kMul0, counter.x[0], hi0, lo0);
+    mulhilo32(kMul1, counter.x[2], hi1, lo1);
+    Philox4 next;
+    next.x[0] = hi1 ^ counter.x[1] ^ keys.k0[round];
+    next.x[1] = lo1;
+    next.x[2] = hi0 ^ counter.x[3] ^ keys.k1[round];
+    next.x[3] = lo0;
+    counter = next;
+  }
+  return counter;
+}
+
 // The four 32-bit words for vocabulary indices 4*group .. 4*group+3 of one
 // (seed, stream, position, offset). Word v & 3 of group v >> 2 belongs to index v.
 DSPARK_HOST_DEVICE Philox4 random_group(uint64_t seed, uint32_t stream, uint32_t position,
@@ -73,6 +115,17 @@ DSPARK_HOST_DEVICE Philox4 random_group(uint64_t seed, uint32_t stream, uint32_t
   counter.x[2] = static_cast<uint32_t>(offset);
   counter.x[3] = static_cast<uint32_t>(offset >> 32);
   return philox4x32_10(counter, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+}
+
+// random_group(seed, ...) with the seed's round keys precomputed (philox_keys(seed)).
+DSPARK_HOST_DEVICE Philox4 random_group(const PhiloxKeys& keys, uint32_t stream, uint32_t position,
+                                        uint64_t offset, uint32_t group) {
+  Philox4 counter;
+  counter.x[0] = group;
+  counter.x[1] = (stream << 24) | (position & 0xFFFFFFu);
+  counter.x[2] = static_cast<uint32_t>(offset);
+  counter.x[3] = static_cast<uint32_t>(offset >> 32);
+  return philox4x32_10(counter, keys);
 }
 
 DSPARK_HOST_DEVICE uint32_t random_word(uint64_t seed, uint32_t stream, uint32_t position,
@@ -237,6 +290,18 @@ DSPARK_HOST_DEVICE float sanitize_logit(float y) {
   return fminf(fmaxf(y, -INFINITY), kLogitLimit);
 #else
   return y != y ? -INFINITY : (y > kLogitLimit ? kLogitLimit : y);  // not fminf: a libm call here
+#endif
+}
+
+// sanitize_logit's upper clamp alone, NaN kept (one min.NaN on a GPU): for callers where
+// a NaN propagates to a result that counts as no mass (the residual of verify).
+DSPARK_HOST_DEVICE float clamp_logit_keep_nan(float y) {
+#if defined(__CUDA_ARCH__)
+  float out;
+  asm("min.NaN.f32 %0, %1, %2;" : "=f"(out) : "f"(y), "f"(kLogitLimit));
+  return out;
+#else
+  return y != y ? y : (y > kLogitLimit ? kLogitLimit : y);
 #endif
 }
 

@@ -222,23 +222,27 @@ struct Slice {
   __device__ __forceinline__ static int index(int slice, int i, int e) {
     return (slice * (kVerifySlice / kVec) + threadIdx.x + i * kVerifyThreads) * kVec + e;
   }
+  // index(slice, i, e) - index(slice, 0, 0): a constant in unrolled code.
+  __device__ __forceinline__ static constexpr int offset(int i, int e) { return i * kVerifyThreads * kVec + e; }
 
   // All loads are issued before any value is used. kFull: the slice lies inside the row
   // and the row is 16-byte aligned (every slice but a row's last, for real vocabularies),
   // so every chunk is one 16-byte load; otherwise element by element, -inf past the row.
-  template <bool kFull>
+  // kSanitize = false: the values as they are (NaN and +inf left for the caller).
+  template <bool kFull, bool kSanitize = true>
   __device__ __forceinline__ void load(const T* row, int vocab, int slice) {
 #pragma unroll
     for (int i = 0; i < kChunks; ++i) {
       const int first = index(slice, i, 0);
       if constexpr (kFull) {
         load_chunk(row, first / kVec, vocab, true, x[i]);
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) x[i][e] = sanitize_logit(x[i][e]);
       } else {
 #pragma unroll
-        for (int e = 0; e < kVec; ++e) x[i][e] = first + e < vocab ? sanitize_logit(to_float(row[first + e])) : -INFINITY;
+        for (int e = 0; e < kVec; ++e) x[i][e] = first + e < vocab ? to_float(row[first + e]) : -INFINITY;
       }
+      if constexpr (kSanitize)
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) x[i][e] = sanitize_logit(x[i][e]);
     }
   }
 
@@ -295,6 +299,78 @@ __device__ __forceinline__ MassStats shfl_xor(MassStats v, int mask) {
   return {shfl_xor(v.max, mask), shfl_xor(v.sum, mask), shfl_xor(v.key, mask), __shfl_xor_sync(0xFFFFFFFFu, v.index, mask)};
 }
 
+// ---------------------------------------------------------------- the race, pruned
+// A thread's race argmax r / E' (ties to the smaller index) over its elements, with E'
+// computed only for the few elements that can matter. An element can reach a key B only
+// if E' <= r / B, and E' = -log2(u) >= (1 - u) log2(e) with 1 - u = (~c + 1/2) 2^-32 (c
+// its Philox word), so only if (2^32 - 1 - c) bound <= r with bound = B 2^-32 / ln(2),
+// i.e. c bound + r >= (2^32 - 1) bound: one FFMA and a compare. The test takes bound
+// 2^-8 smaller (far more than the 2^-20 of the keys) and the cut 1024 bound lower (more
+// than the rounding of float(c), of the FFMA and of the cut, all within 640 bound).
+// B is the best key of the warp so far (so the lanes' r must share one base): the warp
+// evaluates eight elements exactly (race_group, out of line, per four) only when one of
+// its lanes has a candidate among them, and then refreshes B. A skipped element has a key
+// below B, so the block's winner is that of the exhaustive race over the same keys. The
+// test is three instructions an element (no clamping of r: a negative or NaN r fails it);
+// the exact evaluation runs for about H(4) = 2.1 of a warp's four steps (a new record
+// among the warp's keys).
+struct RaceLeader {
+  float key;      // the thread's best key (0 while none: a zero r never wins)
+  int32_t index;  // -1 while none
+  float bound;    // warp-uniform B 2^-32 / (ln(2) (1 + 2^-8)); 0 while B = 0
+  float cut;      // (2^32 - 1024) bound: candidate iff c bound + r >= cut (r >= 0 while B = 0)
+};
+
+__device__ __forceinline__ RaceLeader race_start() { return {0.f, -1, 0.f, 0.f}; }
+
+__device__ __forceinline__ bool race_candidate(float r, uint32_t word, const RaceLeader& leader) {
+  return fmaf(static_cast<float>(word), leader.bound, r) >= leader.cut;
+}
+
+// The exact keys of the candidates of a group of four consecutive elements (first, ...,
+// first + 3) of r (unclamped: the key is of max(r, 0); the element `one_hot`, if in the
+// group, has r - 1: the one-hot draft), then the warp's B. Called by the whole warp.
+__device__ __noinline__ inline RaceLeader race_group(RaceLeader leader, float r0, float r1, float r2, float r3,
+                                                     uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, int first,
+                                                     int one_hot) {
+  const float r[4] = {r0, r1, r2, r3};
+  const uint32_t c[4] = {c0, c1, c2, c3};
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    if (!race_candidate(r[e], c[e], leader)) continue;
+    const float residual = fmaxf(first + e == one_hot ? r[e] - 1.f : r[e], 0.f);
+    const float key = fast_divide(residual, exponential2_fast(c[e]));
+    if (key > leader.key) {  // increasing order within the thread: ties keep the first
+      leader.key = key;
+      leader.index = first + e;
+    }
+  }
+  float warp_best = leader.key;
+#pragma unroll
+  for (int mask = 16; mask > 0; mask >>= 1) warp_best = fmaxf(warp_best, shfl_xor(warp_best, mask));
+  leader.bound = warp_best * (0x1p-32f / (0.69314718f * (1.f + 0x1p-8f)));
+  leader.cut = (0x1p32f - 1024.f) * leader.bound;
+  return leader;
+}
+
+// Two groups of four consecutive elements (first[h], ...) of every lane of the warp (all
+// lanes call it): one vote for the eight.
+__device__ __forceinline__ RaceLeader race_step(RaceLeader leader, const float (&r)[2][4], const Philox4 (&words)[2],
+                                                const int (&first)[2], int one_hot = -1) {
+  bool any = false;
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) any |= race_candidate(r[h][e], words[h].x[e], leader);
+  if (__any_sync(0xFFFFFFFFu, any)) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      leader = race_group(leader, r[h][0], r[h][1], r[h][2], r[h][3], words[h].x[0], words[h].x[1], words[h].x[2],
+                          words[h].x[3], first[h], one_hot);
+  }
+  return leader;
+}
+
 // The thread's part of a slice of a row: its max, its mass and, with kRace, its race argmax
 // w / E' (stream 2, position `position`): one Philox call per 4 elements, E' once per element.
 template <bool kRace, bool kFull, typename T>
@@ -303,34 +379,42 @@ __device__ __forceinline__ MassStats slice_mass(const T* row, int vocab, int sli
   constexpr int kVec = Slice<T>::kVec;
   Slice<T> s;
   s.template load<kFull>(row, vocab, slice);
-  const float m = s.max();
+  float m = s.max();
+  // The race compares keys across the warp (race_step's bound), so with kRace the weights
+  // of every lane are relative to the warp's max (the mass and key merge at any base).
+  if constexpr (kRace)
+#pragma unroll
+    for (int mask = 16; mask > 0; mask >>= 1) m = fmaxf(m, shfl_xor(m, mask));
   const float base = m == -INFINITY ? 0.f : m;
   float sum[2] = {0.f, 0.f};  // two chains of additions, a fixed order
-  float best = 0.f;           // a zero weight never wins
-  int best_index = -1;
+  RaceLeader leader = race_start();
+  constexpr int kGroups = Slice<T>::kChunks * kVec / 4;  // groups of four elements a thread
+  static_assert(kGroups % 2 == 0, "race steps of two groups");
+  [[maybe_unused]] const int first_index = Slice<T>::index(slice, 0, 0);  // a multiple of 4
+  [[maybe_unused]] PhiloxKeys keys;
+  if constexpr (kRace) keys = philox_keys(seed);
 #pragma unroll
-  for (int i = 0; i < Slice<T>::kChunks; ++i) {
+  for (int q = 0; q < kGroups; q += 2) {
+    float w[2][4];
+    [[maybe_unused]] Philox4 words[2];
+    [[maybe_unused]] int first[2];
 #pragma unroll
-    for (int g = 0; g < kVec; g += 4) {
-      Philox4 words{};
-      if constexpr (kRace)
-        words = random_group(seed, kStreamResample, position, round_offset,
-                             static_cast<uint32_t>(Slice<T>::index(slice, i, g)) >> 2);
+    for (int h = 0; h < 2; ++h) {
+      const int i = (q + h) / (kVec / 4), g = (q + h) % (kVec / 4) * 4;
 #pragma unroll
-      for (int e = g; e < g + 4; ++e) {
-        const float w = fast_exp2((s.x[i][e] - base) * scale);
-        sum[e & 1] += w;
-        if constexpr (kRace) {
-          const float key = fast_divide(w, exponential2_fast(words.x[e & 3]));
-          if (key > best) {  // a thread visits its elements in increasing order: ties keep the first
-            best = key;
-            best_index = Slice<T>::index(slice, i, e);
-          }
-        }
+      for (int e = 0; e < 4; ++e) {
+        w[h][e] = fast_exp2((s.x[i][g + e] - base) * scale);
+        sum[e & 1] += w[h][e];
+      }
+      if constexpr (kRace) {
+        first[h] = first_index + Slice<T>::offset(i, g);
+        words[h] = random_group(keys, kStreamResample, position, round_offset,
+                                static_cast<uint32_t>(first_index >> 2) + Slice<T>::offset(i, g) / 4);
       }
     }
+    if constexpr (kRace) leader = race_step(leader, w, words, first);
   }
-  return {m, sum[0] + sum[1], best, best_index};
+  return {m, sum[0] + sum[1], leader.key, leader.index};
 }
 
 // A row's last (partial) slice or an unaligned row: out of line, so that the kernels'
@@ -562,66 +646,74 @@ __device__ __forceinline__ void decide(const T* target_logits, const T* draft_lo
 }
 
 // The thread's residual race over its part of a slice of the rejected row pair j:
-// argmax r / E' over r = max(0, p_t - p_d) > 0, stream 2 at position j.
-template <typename T, bool kHasDraft, bool kFull>
+// argmax r / E' over r = max(0, p_t - p_d) > 0, stream 2 at position j. kFiltered: the
+// target keeps only x >= threshold (top-k/top-p); without a draft row p_d is one-hot at
+// the draft token (race_group subtracts it).
+template <typename T, bool kHasDraft, bool kFiltered, bool kFull>
 __device__ __forceinline__ ArgMax residual_slice(const T* target_row, const T* draft_row, int vocab, int slice,
-                                                 int64_t token, uint64_t seed, uint64_t round_offset, float scale,
+                                                 int token, uint64_t seed, uint64_t round_offset, float scale,
                                                  const VerifyDecision& my) {
   using S = Slice<T>;
   constexpr int kVec = S::kVec;
   S target;
-  target.template load<kFull>(target_row, vocab, slice);
+  target.template load<kFull, false>(target_row, vocab, slice);  // NaN stays NaN (see below)
   [[maybe_unused]] S draft;
   if constexpr (kHasDraft) draft.template load<kFull>(draft_row, vocab, slice);
   const uint32_t position = static_cast<uint32_t>(my.accepted);
-  float best = 0.f;  // a zero residual never wins
-  int best_index = -1;
+  RaceLeader leader = race_start();
+  constexpr int kGroups = S::kChunks * kVec / 4;  // groups of four elements a thread
+  static_assert(kGroups % 2 == 0, "race steps of two groups");
+  const int first_index = S::index(slice, 0, 0);  // a multiple of 4
+  const PhiloxKeys keys = philox_keys(seed);
 #pragma unroll
-  for (int i = 0; i < S::kChunks; ++i) {
+  for (int q = 0; q < kGroups; q += 2) {
+    float r[2][4];  // p_t - p_d, unclamped (race_candidate and race_group clamp)
+    Philox4 words[2];
+    int first[2];
 #pragma unroll
-    for (int g = 0; g < kVec; g += 4) {
-      const Philox4 words =
-          random_group(seed, kStreamResample, position, round_offset, static_cast<uint32_t>(S::index(slice, i, g)) >> 2);
+    for (int h = 0; h < 2; ++h) {
+      const int i = (q + h) / (kVec / 4), g = (q + h) % (kVec / 4) * 4;
+      first[h] = first_index + S::offset(i, g);
 #pragma unroll
-      for (int e = g; e < g + 4; ++e) {
-        const int v = S::index(slice, i, e);
-        const float x = target.x[i][e];
-        const float d_target = x >= my.threshold ? (x - my.target_max) * scale : -INFINITY;
+      for (int e = 0; e < 4; ++e) {
+        // sanitize's clamp of +inf to FLT_MAX/2, keeping NaN: a NaN logit gives a NaN r,
+        // which fails race_candidate and counts as 0 in race_group (p_t = 0, as sanitize's
+        // -inf would give; in the filtered case x >= threshold is false for it).
+        const float x = clamp_logit_keep_nan(target.x[i][g + e]);
+        float d_target = (x - my.target_max) * scale;
+        if constexpr (kFiltered) d_target = x >= my.threshold ? d_target : -INFINITY;
         const float p_target = fast_exp2(d_target) * my.target_inverse_mass;
-        float p_draft;
         if constexpr (kHasDraft) {
-          p_draft = fast_exp2((draft.x[i][e] - my.draft_max) * scale) * my.draft_inverse_mass;
+          r[h][e] = p_target - fast_exp2((draft.x[i][g + e] - my.draft_max) * scale) * my.draft_inverse_mass;
         } else {
-          p_draft = v == token ? 1.f : 0.f;
-        }
-        const float residual = fmaxf(p_target - p_draft, 0.f);
-        const float key = fast_divide(residual, exponential2_fast(words.x[e & 3]));
-        if (key > best) {  // increasing order within the thread: ties keep the first
-          best = key;
-          best_index = v;
+          r[h][e] = p_target;
         }
       }
+      words[h] = random_group(keys, kStreamResample, position, round_offset,
+                              static_cast<uint32_t>(first_index >> 2) + S::offset(i, g) / 4);
     }
+    leader = race_step(leader, r, words, first, kHasDraft ? -1 : token);
   }
-  return {best, best_index};
+  return {leader.key, leader.index};
 }
 
-template <typename T, bool kHasDraft>
+template <typename T, bool kHasDraft, bool kFiltered>
 __device__ __noinline__ ArgMax residual_slice_partial(const T* target_row, const T* draft_row, int vocab, int slice,
-                                                      int64_t token, uint64_t seed, uint64_t round_offset, float scale,
+                                                      int token, uint64_t seed, uint64_t round_offset, float scale,
                                                       VerifyDecision my) {
-  return residual_slice<T, kHasDraft, false>(target_row, draft_row, vocab, slice, token, seed, round_offset, scale, my);
+  return residual_slice<T, kHasDraft, kFiltered, false>(target_row, draft_row, vocab, slice, token, seed,
+                                                        round_offset, scale, my);
 }
 
-template <typename T, bool kHasDraft>
+template <typename T, bool kHasDraft, bool kFiltered>
 __device__ __forceinline__ ArgMax residual_slice(const T* target_row, const T* draft_row, int vocab, int slice,
-                                                 int64_t token, uint64_t seed, uint64_t round_offset, float scale,
+                                                 int token, uint64_t seed, uint64_t round_offset, float scale,
                                                  const VerifyDecision& my) {
   const bool full = Slice<T>::full(target_row, vocab, slice) && (!kHasDraft || is_aligned16(draft_row));
-  return full ? residual_slice<T, kHasDraft, true>(target_row, draft_row, vocab, slice, token, seed, round_offset,
-                                                   scale, my)
-              : residual_slice_partial<T, kHasDraft>(target_row, draft_row, vocab, slice, token, seed, round_offset,
-                                                     scale, my);
+  return full ? residual_slice<T, kHasDraft, kFiltered, true>(target_row, draft_row, vocab, slice, token, seed,
+                                                              round_offset, scale, my)
+              : residual_slice_partial<T, kHasDraft, kFiltered>(target_row, draft_row, vocab, slice, token, seed,
+                                                                round_offset, scale, my);
 }
 
 template <typename T, bool kHasDraft>
@@ -666,9 +758,16 @@ __global__ void __launch_bounds__(kVerifyThreads) verify_finish_kernel(const T* 
   const uint64_t round_offset = static_cast<uint64_t>(p.offset[b]);
   {
     const T* draft_row = kHasDraft ? draft_logits + (b * p.max_draft + j) * p.vocab : nullptr;
-    // sass budget: residual pass (32 elements a thread)
-    const ArgMax thread_best = residual_slice<T, kHasDraft>(
-        target_row, draft_row, vocab, slice, token, seed, round_offset, scale, my);
+    ArgMax thread_best;
+    if (my.threshold == -INFINITY) {
+      // sass budget: residual pass (32 elements a thread)
+      thread_best = residual_slice<T, kHasDraft, false>(target_row, draft_row, vocab, slice, static_cast<int>(token),
+                                                        seed, round_offset, scale, my);
+    } else {
+      // sass budget: filtered residual pass (32 elements a thread)
+      thread_best = residual_slice<T, kHasDraft, true>(target_row, draft_row, vocab, slice, static_cast<int>(token),
+                                                       seed, round_offset, scale, my);
+    }
     // sass budget: slice reduction (32 elements a thread)
     const ArgMax winner = block_reduce<kVerifyThreads>(thread_best, [](ArgMax a, ArgMax c) { return merge(a, c); });
     if (threadIdx.x == 0) {
