@@ -40,31 +40,9 @@ DSPARK_HOST_DEVICE void mulhilo32(uint32_t a, uint32_t b, uint32_t& hi, uint32_t
 #endif
 }
 
-// Philox-4x32 with 10 rounds (Salmon et al., SC'11; constants as in Random123).
-DSPARK_HOST_DEVICE Philox4 philox4x32_10(Philox4 counter, uint32_t key0, uint32_t key1) {
-  constexpr uint32_t kMul0 = 0xD2511F53u, kMul1 = 0xCD9E8D57u;
-  constexpr uint32_t kWeyl0 = 0x9E3779B9u, kWeyl1 = 0xBB67AE85u;
-#if defined(__CUDA_ARCH__)
-#pragma unroll
-#endif
-  for (int round = 0; round < 10; ++round) {
-    uint32_t hi0, lo0, hi1, lo1;
-    mulhilo32(kMul0, counter.x[0], hi0, lo0);
-    mulhilo32(kMul1, counter.x[2], hi1, lo1);
-    Philox4 next;
-    next.x[0] = hi1 ^ counter.x[1] ^ key0;
-    next.x[1] = lo1;
-    next.x[2] = hi0 ^ counter.x[3] ^ key1;
-    next.x[3] = lo0;
-    counter = next;
-    key0 += kWeyl0;
-    key1 += kWeyl1;
-  }
-  return counter;
-}
-
-// The round keys of Philox-4x32-10 for one key, computed once by callers that draw many
-// groups with it (the unrolled kernels would otherwise recompute them per group).
+// The round keys of Philox-4x32-10 for one 64-bit key (low word first). Callers that draw
+// many groups with one key compute them once (the unrolled kernels would otherwise
+// recompute them per group).
 struct PhiloxKeys {
   uint32_t k0[10];
   uint32_t k1[10];
@@ -85,7 +63,7 @@ DSPARK_HOST_DEVICE PhiloxKeys philox_keys(uint64_t seed) {
   return keys;
 }
 
-// philox4x32_10 with precomputed round keys: the same words.
+// Philox-4x32 with 10 rounds (Salmon et al., SC'11; constants as in Random123).
 DSPARK_HOST_DEVICE Philox4 philox4x32_10(Philox4 counter, const PhiloxKeys& keys) {
   constexpr uint32_t kMul0 = 0xD2511F53u, kMul1 = 0xCD9E8D57u;
 #if defined(__CUDA_ARCH__)
@@ -105,19 +83,13 @@ DSPARK_HOST_DEVICE Philox4 philox4x32_10(Philox4 counter, const PhiloxKeys& keys
   return counter;
 }
 
-// The four 32-bit words for vocabulary indices 4*group .. 4*group+3 of one
-// (seed, stream, position, offset). Word v & 3 of group v >> 2 belongs to index v.
-DSPARK_HOST_DEVICE Philox4 random_group(uint64_t seed, uint32_t stream, uint32_t position,
-                                        uint64_t offset, uint32_t group) {
-  Philox4 counter;
-  counter.x[0] = group;
-  counter.x[1] = (stream << 24) | (position & 0xFFFFFFu);
-  counter.x[2] = static_cast<uint32_t>(offset);
-  counter.x[3] = static_cast<uint32_t>(offset >> 32);
-  return philox4x32_10(counter, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+DSPARK_HOST_DEVICE Philox4 philox4x32_10(Philox4 counter, uint32_t key0, uint32_t key1) {
+  return philox4x32_10(counter, philox_keys(static_cast<uint64_t>(key1) << 32 | key0));
 }
 
-// random_group(seed, ...) with the seed's round keys precomputed (philox_keys(seed)).
+// The four 32-bit words for vocabulary indices 4*group .. 4*group+3 of one
+// (seed, stream, position, offset), with the seed's round keys (philox_keys(seed)). Word
+// v & 3 of group v >> 2 belongs to index v.
 DSPARK_HOST_DEVICE Philox4 random_group(const PhiloxKeys& keys, uint32_t stream, uint32_t position,
                                         uint64_t offset, uint32_t group) {
   Philox4 counter;
@@ -126,6 +98,11 @@ DSPARK_HOST_DEVICE Philox4 random_group(const PhiloxKeys& keys, uint32_t stream,
   counter.x[2] = static_cast<uint32_t>(offset);
   counter.x[3] = static_cast<uint32_t>(offset >> 32);
   return philox4x32_10(counter, keys);
+}
+
+DSPARK_HOST_DEVICE Philox4 random_group(uint64_t seed, uint32_t stream, uint32_t position,
+                                        uint64_t offset, uint32_t group) {
+  return random_group(philox_keys(seed), stream, position, offset, group);
 }
 
 DSPARK_HOST_DEVICE uint32_t random_word(uint64_t seed, uint32_t stream, uint32_t position,
