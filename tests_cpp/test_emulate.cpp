@@ -3,16 +3,25 @@
 // error reports of the misuses a GPU would hang or misbehave on, and the mma.sync
 // fragments against CuTe's layouts. Built and run by `make emulate` / `make emulate-tsan`
 // under the sanitizers (CMake option DSPARK_EMULATE).
+//
+// What a sanitizer reports (it ends the process) or the watchdog (it ends the process too)
+// is tested in a child process: this program run again with `--child NAME`, its output
+// searched for the report.
 #include "dspark/emulate/device.h"
 // (device.h first: the headers below are kernel headers)
 #include <cooperative_groups.h>
 
+#include "dspark/cluster.cuh"
 #include "dspark/mma.cuh"
 #include "dspark/reduce.cuh"
 
 #include "check.h"
 
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <cstdio>
+#include <cstring>
 #include <functional>
 #include <string>
 #include <vector>
@@ -174,6 +183,171 @@ __global__ void mma_kernel(const T* a, const T* b, const float* c, float* d) {
   }
 }
 
+// ------------------------------------------------------------------ cluster kernels
+// Every block writes its rank into its dynamic shared memory; after cluster.sync() every
+// thread reads every block's word through map_shared_rank. Eight results per thread.
+__global__ void cluster_exchange_kernel(unsigned* out) {
+  cg::cluster_group cluster = cg::this_cluster();
+  DSPARK_DYNAMIC_SHARED(unsigned, words);
+  const unsigned rank = cluster.block_rank();
+  const unsigned t = threadIdx.x;
+  words[t] = 1000 * rank + t;
+  cluster.sync();
+  unsigned ok = 1, sum = 0;
+  for (unsigned r = 0; r < cluster.num_blocks(); ++r) {
+    const unsigned* remote = cluster.map_shared_rank(words, r);
+    ok &= remote[t] == 1000 * r + t && cluster.query_shared_rank(remote) == r;
+    sum += remote[(t + r) % blockDim.x];
+  }
+  const unsigned block = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+  unsigned* o = out + 8 * (block * blockDim.x + t);
+  const dim3 index = cluster.block_index(), dims = cluster.dim_blocks();
+  o[0] = ok;
+  o[1] = rank;
+  o[2] = sum;
+  o[3] = index.x + 10 * index.y + 100 * index.z;
+  o[4] = dims.x + 10 * dims.y + 100 * dims.z;
+  o[5] = cluster.thread_rank();
+  o[6] = cluster.num_threads();
+  o[7] = cluster.num_blocks();
+  cluster.sync();  // no block exits while another may still read its memory
+}
+
+// __syncthreads in a cluster is the block's barrier: block 0 passes two of them while block
+// 1 passes one elsewhere (one cluster-wide barrier would be divergent, or never complete).
+__global__ void block_barrier_in_cluster_kernel(unsigned* out) {
+  cg::cluster_group cluster = cg::this_cluster();
+  DSPARK_DYNAMIC_SHARED(unsigned, words);
+  const unsigned t = threadIdx.x;
+  if (cluster.block_rank() == 0) {
+    words[t] = t;
+    __syncthreads();
+    const unsigned next = words[(t + 1) % blockDim.x];
+    __syncthreads();
+    out[t] = next;
+  } else {
+    __syncthreads();
+    out[blockDim.x + t] = 7;
+  }
+}
+
+__global__ void missed_cluster_sync_kernel(unsigned skip_rank) {
+  cg::cluster_group cluster = cg::this_cluster();
+  if (cluster.block_rank() == skip_rank) return;  // the whole block skips the barrier
+  cluster.sync();
+}
+
+__global__ void divergent_cluster_sync_kernel() {
+  cg::cluster_group cluster = cg::this_cluster();
+  if (cluster.block_rank() == 0)
+    cluster.sync();
+  else
+    cluster.sync();
+}
+
+__global__ void bad_rank_kernel(int rank) {
+  cg::cluster_group cluster = cg::this_cluster();
+  DSPARK_DYNAMIC_SHARED(unsigned, words);
+  if (cluster.block_rank() == 1 && threadIdx.x == 3) (void)cluster.map_shared_rank(words, rank);
+  cluster.sync();
+}
+
+__global__ void static_address_kernel() {
+  __shared__ unsigned never_mapped[4];
+  cg::cluster_group cluster = cg::this_cluster();
+  if (threadIdx.x == 0) (void)cluster.map_shared_rank(never_mapped, 0);
+  cluster.sync();
+}
+
+// Static __shared__ in a cluster kernel: one copy for the cluster's blocks in the emulation.
+__global__ void static_shared_cluster_kernel(unsigned* out) {
+  __shared__ unsigned shared_value;
+  cg::cluster_group cluster = cg::this_cluster();
+  if (threadIdx.x == 0) shared_value = 100 + cluster.block_rank();
+  cluster.sync();
+  if (threadIdx.x == 0) out[blockIdx.x] = shared_value;
+  cluster.sync();
+}
+
+// Dynamic shared memory as the block finds it: garbage, 16-byte aligned, its own.
+__global__ void dynamic_garbage_kernel(unsigned* out, int words_count) {
+  DSPARK_DYNAMIC_SHARED(unsigned, words);
+  cg::cluster_group cluster = cg::this_cluster();
+  if (threadIdx.x == 0) {
+    unsigned garbage = 1;
+    for (int i = 0; i < words_count; ++i) garbage &= words[i] == 0xFFFFFFFFu;
+    out[4 * blockIdx.x] = garbage;
+    out[4 * blockIdx.x + 1] = static_cast<unsigned>(reinterpret_cast<uintptr_t>(words) % 16);
+    out[4 * blockIdx.x + 2] = cluster.block_rank() + 10 * cluster.num_blocks();
+    for (int i = 0; i < words_count; ++i) words[i] = 7;  // no other block may see it
+  }
+  __syncthreads();
+  if (threadIdx.x == blockDim.x - 1) out[4 * blockIdx.x + 3] = words[words_count - 1];
+}
+
+// The largest dynamic shared memory CUDA allows, in the largest portable cluster.
+__global__ void largest_shared_kernel(unsigned* out, int bytes) {
+  cg::cluster_group cluster = cg::this_cluster();
+  DSPARK_DYNAMIC_SHARED(unsigned char, memory);
+  if (threadIdx.x == 0) memory[bytes - 1] = static_cast<unsigned char>(cluster.block_rank());
+  cluster.sync();
+  if (threadIdx.x == 0) {
+    const unsigned char* next = cluster.map_shared_rank(memory, (cluster.block_rank() + 1) % cluster.num_blocks());
+    out[blockIdx.x] = next[bytes - 1];
+  }
+  cluster.sync();
+}
+
+// redux.sync over the groups of equal values __match_any_sync found (each lane with its own
+// group's mask, all at the same place), and over half warps.
+__global__ void reduce_kernel(unsigned* out) {
+  const unsigned lane = threadIdx.x;
+  const unsigned peers = __match_any_sync(0xFFFFFFFFu, lane % 3);
+  out[lane] = __reduce_add_sync(peers, lane);
+  out[32 + lane] = static_cast<unsigned>(__reduce_min_sync(peers, static_cast<int>(lane) - 20));
+  out[64 + lane] = static_cast<unsigned>(__reduce_max_sync(peers, static_cast<int>(lane) - 20));
+  out[96 + lane] = __reduce_max_sync(peers, lane * 0x10000001u);  // unsigned order
+  out[128 + lane] = __reduce_add_sync(0xFFFFFFFFu, 0x80000000u + lane);  // wraps
+  out[160 + lane] = __reduce_and_sync(peers, ~(1u << lane));
+  out[192 + lane] = __reduce_or_sync(peers, 1u << lane);
+  out[224 + lane] = __reduce_xor_sync(peers, lane);
+  const unsigned half = lane < 16 ? 0x0000FFFFu : 0xFFFF0000u;
+  out[256 + lane] = static_cast<unsigned>(__reduce_add_sync(half, static_cast<int>(lane) - 100));
+}
+
+// For the child processes: what a sanitizer or the watchdog reports.
+// Block 1 has exited when block 0 (after a barrier: block 1 runs meanwhile) reads its memory.
+__global__ void read_after_exit_kernel(unsigned* out) {
+  cg::cluster_group cluster = cg::this_cluster();
+  DSPARK_DYNAMIC_SHARED(unsigned, words);
+  words[threadIdx.x] = threadIdx.x;
+  if (cluster.block_rank() == 1) return;
+  __syncthreads();
+  if (threadIdx.x == 0) out[0] = cluster.map_shared_rank(words, 1)[5];
+}
+
+__global__ void overrun_kernel(unsigned* out, int bytes) {
+  DSPARK_DYNAMIC_SHARED(unsigned char, memory);
+  if (threadIdx.x == 0) out[0] = static_cast<const volatile unsigned char*>(memory)[bytes];
+}
+
+// Block 1 reads block 0's word without a cluster barrier after block 0's write.
+__global__ void dsmem_race_kernel(unsigned* out) {
+  cg::cluster_group cluster = cg::this_cluster();
+  DSPARK_DYNAMIC_SHARED(unsigned, words);
+  if (cluster.block_rank() == 0 && threadIdx.x == 0) words[0] = 1;
+  if (cluster.block_rank() == 1 && threadIdx.x == 0) out[0] = cluster.map_shared_rank(words, 0)[0];
+  cluster.sync();
+}
+
+// A thread of block 3 (cluster 1) waits for a value no one writes: on a GPU a hang.
+__global__ void spin_kernel() {
+  DSPARK_DYNAMIC_SHARED(unsigned, words);
+  if (blockIdx.x == 3 && threadIdx.x == 0)
+    while (static_cast<const volatile unsigned*>(words)[0] != 12345u) {
+    }
+}
+
 // ------------------------------------------------------------------ tests
 void test_blocks_and_barriers() {
   std::vector<int> out(6, -1);
@@ -294,6 +468,251 @@ void test_errors() {
   check(sums[0] == 255 * 256 / 2, "launches work after a failed launch", "out[0]=%d", sums[0]);
 }
 
+// ------------------------------------------------------------------ cluster tests
+void test_clusters() {
+  // Grid (4,2,2) in clusters (2,1,2): four clusters of four blocks, rank x + 2 z.
+  const dim3 grid(4, 2, 2), cluster(2, 1, 2), block(64);
+  std::vector<unsigned> out(16 * 64 * 8, 0xDEADu);
+  emu::launch_cluster("cluster_exchange_kernel", cluster_exchange_kernel, grid, block, cluster, 64 * sizeof(unsigned),
+                      out.data());
+  bool ok = true;
+  int first_bad = -1;
+  for (unsigned z = 0; z < 2; ++z)
+    for (unsigned y = 0; y < 2; ++y)
+      for (unsigned x = 0; x < 4; ++x)
+        for (unsigned t = 0; t < 64; ++t) {
+          const unsigned b = x + 4 * (y + 2 * z);
+          const unsigned* o = &out[8 * (b * 64 + t)];
+          const unsigned rank = x % 2 + 2 * (z % 2);
+          unsigned sum = 0;
+          for (unsigned r = 0; r < 4; ++r) sum += 1000 * r + (t + r) % 64;
+          const bool good = o[0] == 1u && o[1] == rank && o[2] == sum && o[3] == x % 2 + 100 * (z % 2) &&
+                            o[4] == 2 + 10 + 200 && o[5] == rank * 64 + t && o[6] == 256 && o[7] == 4;
+          if (!good && first_bad < 0) first_bad = static_cast<int>(b * 64 + t);
+          ok &= good;
+        }
+  check(ok, "cluster (2,1,2) of a (4,2,2) grid: ranks, cluster.sync(), map_shared_rank reads of every block, "
+            "query_shared_rank, block_index, dim_blocks, thread_rank, num_threads, num_blocks",
+        "first bad thread %d: ok %u rank %u sum %u index %u dims %u", first_bad,
+        first_bad < 0 ? 0 : out[8 * first_bad], first_bad < 0 ? 0 : out[8 * first_bad + 1],
+        first_bad < 0 ? 0 : out[8 * first_bad + 2], first_bad < 0 ? 0 : out[8 * first_bad + 3],
+        first_bad < 0 ? 0 : out[8 * first_bad + 4]);
+
+  std::vector<unsigned> barrier_out(128, 0);
+  std::string e = error_of([&] {
+    emu::launch_cluster("block_barrier_in_cluster_kernel", block_barrier_in_cluster_kernel, dim3(2), dim3(64), dim3(2),
+                        64 * sizeof(unsigned), barrier_out.data());
+  });
+  bool barrier_ok = e.empty();
+  for (unsigned t = 0; t < 64; ++t) barrier_ok &= barrier_out[t] == (t + 1) % 64 && barrier_out[64 + t] == 7u;
+  check(barrier_ok, "__syncthreads in a cluster waits for the block only (blocks at different barriers)", "%s",
+        e.c_str());
+
+  for (unsigned cluster_x : {1u, 2u}) {
+    std::vector<unsigned> g(16, 0);
+    emu::launch_cluster("dynamic_garbage_kernel", dynamic_garbage_kernel, dim3(4), dim3(32), dim3(cluster_x), 20,
+                        g.data(), 5);
+    bool fresh = true;
+    for (unsigned b = 0; b < 4; ++b)
+      fresh &= g[4 * b] == 1u && g[4 * b + 1] == 0u && g[4 * b + 2] == b % cluster_x + 10 * cluster_x &&
+               g[4 * b + 3] == 7u;
+    char name[160];
+    std::snprintf(name, sizeof(name),
+                  "dynamic shared memory, clusters of %u: 0xFF garbage at the start of every block, 16-byte "
+                  "aligned, a block's own",
+                  cluster_x);
+    check(fresh, name, "block 1: garbage %u align %u rank %u last %u", g[4], g[5], g[6], g[7]);
+  }
+
+  std::vector<unsigned> largest(8, 99);
+  e = error_of([&] {
+    emu::launch_cluster("largest_shared_kernel", largest_shared_kernel, dim3(8), dim3(32), dim3(8),
+                        emu::kMaxDynamicSharedBytes, largest.data(), static_cast<int>(emu::kMaxDynamicSharedBytes));
+  });
+  bool largest_ok = e.empty();
+  for (unsigned b = 0; b < 8; ++b) largest_ok &= largest[b] == (b + 1) % 8;
+  check(largest_ok, "227 KiB of dynamic shared memory in each block of a cluster of 8", "%s out[0]=%u", e.c_str(),
+        largest[0]);
+
+  std::vector<unsigned> static_out(2, 0);
+  e = error_of([&] {
+    emu::launch_cluster("static_shared_cluster_kernel", static_shared_cluster_kernel, dim3(2), dim3(32), dim3(1), 0,
+                        static_out.data());
+  });
+  check(e.empty() && static_out[0] == 100u && static_out[1] == 100u,
+        "static __shared__ in a launch with clusters of one block is fine", "%s", e.c_str());
+}
+
+void test_cluster_errors() {
+  std::string e = error_of([] {
+    emu::launch_cluster("missed_cluster_sync_kernel", missed_cluster_sync_kernel, dim3(4), dim3(64), dim3(2), 0, 1u);
+  });
+  check(contains(e, "missed_cluster_sync_kernel, cluster (0,0,0) of blocks (0,0,0) to (1,0,0)") &&
+            contains(e, "deadlock") && contains(e, "block (1,0,0) exited: 0,1,") &&
+            contains(e, "block (0,0,0) waiting at cluster_sync at test_emulate.cpp:"),
+        "a block that skips cluster.sync(): deadlock reported with the cluster, its blocks and places", "%s",
+        e.c_str());
+
+  e = error_of([] {
+    emu::launch_cluster("divergent_cluster_sync_kernel", divergent_cluster_sync_kernel, dim3(2), dim3(32), dim3(2), 0);
+  });
+  check(contains(e, "divergent barrier") && contains(e, "block (1,0,0)") && contains(e, "cluster_sync at"),
+        "cluster.sync() at two places: divergent barrier", "%s", e.c_str());
+
+  e = error_of([] {
+    emu::launch_cluster("bad_rank_kernel", bad_rank_kernel, dim3(2), dim3(32), dim3(2), 16, 2);
+  });
+  check(contains(e, "rank 2, but the cluster has 2 blocks") && contains(e, "block (1,0,0)") &&
+            contains(e, "thread (3,0,0)") && contains(e, "map_shared_rank at test_emulate.cpp:"),
+        "map_shared_rank to a rank outside the cluster", "%s", e.c_str());
+  e = error_of([] {
+    emu::launch_cluster("bad_rank_kernel", bad_rank_kernel, dim3(2), dim3(32), dim3(2), 16, -1);
+  });
+  check(contains(e, "rank -1, but the cluster has 2 blocks"), "map_shared_rank to rank -1", "%s", e.c_str());
+
+  e = error_of([] {
+    emu::launch_cluster("static_address_kernel", static_address_kernel, dim3(2), dim3(32), dim3(2), 64);
+  });
+  check(contains(e, "not in the block's dynamic shared memory") && contains(e, "static __shared__"),
+        "map_shared_rank of a static __shared__ variable is refused", "%s", e.c_str());
+
+#if !defined(__SANITIZE_THREAD__)
+  std::vector<unsigned> out(4, 0);
+  e = error_of([&] {
+    emu::launch_cluster("static_shared_cluster_kernel", static_shared_cluster_kernel, dim3(4), dim3(32), dim3(2), 0,
+                        out.data());
+  });
+  check(contains(e, "static_shared_cluster_kernel, cluster (0,0,0)") &&
+            contains(e, "static __shared__ memory was written in a launch with clusters of 2 blocks") &&
+            contains(e, "DSPARK_DYNAMIC_SHARED"),
+        "static __shared__ written in a cluster kernel is an Error", "%s", e.c_str());
+#endif
+
+  e = error_of([] { emu::launch_cluster("spin_kernel", spin_kernel, dim3(3), dim3(32), dim3(2), 0); });
+  check(contains(e, "grid (3,1,1) is not a multiple of the cluster (2,1,1)"),
+        "a grid that is not a multiple of the cluster is refused", "%s", e.c_str());
+  e = error_of([] { emu::launch_cluster("spin_kernel", spin_kernel, dim3(9), dim3(32), dim3(9), 0); });
+  check(contains(e, "invalid cluster (9,1,1) of 9 blocks"), "a cluster of 9 blocks is refused", "%s", e.c_str());
+  e = error_of([] { emu::launch_cluster("spin_kernel", spin_kernel, dim3(6, 3), dim3(32), dim3(3, 3), 0); });
+  check(contains(e, "invalid cluster (3,3,1) of 9 blocks"), "a cluster of 3x3 blocks is refused", "%s", e.c_str());
+  e = error_of([] { emu::launch_cluster("spin_kernel", spin_kernel, dim3(2), dim3(32), dim3(0, 1, 1), 0); });
+  check(contains(e, "invalid cluster (0,1,1)"), "a cluster of 0 blocks is refused", "%s", e.c_str());
+  e = error_of([] {
+    emu::launch_cluster("spin_kernel", spin_kernel, dim3(2), dim3(32), dim3(2), emu::kMaxDynamicSharedBytes + 1);
+  });
+  check(contains(e, "232449 bytes of dynamic shared memory") && contains(e, "at most 232448"),
+        "more than 227 KiB of dynamic shared memory is refused", "%s", e.c_str());
+
+  // The runtime is usable again after these errors.
+  std::vector<unsigned> g(8, 0);
+  emu::launch_cluster("dynamic_garbage_kernel", dynamic_garbage_kernel, dim3(2), dim3(32), dim3(2), 8, g.data(), 2);
+  check(g[0] == 1u && g[4] == 1u && g[7] == 7u, "cluster launches work after failed ones", "%u %u %u", g[0], g[4],
+        g[7]);
+}
+
+void test_reduce() {
+  std::vector<unsigned> out(288, 0);
+  emu::launch("reduce_kernel", reduce_kernel, dim3(1), dim3(32), out.data());
+  bool ok = true;
+  for (unsigned lane = 0; lane < 32; ++lane) {
+    unsigned sum = 0, mask = 0, xor_all = 0, max_u = 0;
+    int min_i = 1 << 30, max_i = -(1 << 30);
+    for (unsigned l = lane % 3; l < 32; l += 3) {
+      sum += l;
+      mask |= 1u << l;
+      xor_all ^= l;
+      max_u = std::max(max_u, l * 0x10000001u);
+      min_i = std::min(min_i, static_cast<int>(l) - 20);
+      max_i = std::max(max_i, static_cast<int>(l) - 20);
+    }
+    unsigned wrapped = 0;
+    for (unsigned l = 0; l < 32; ++l) wrapped += 0x80000000u + l;
+    const int half = lane < 16 ? (0 + 15) * 16 / 2 - 1600 : (16 + 31) * 16 / 2 - 1600;
+    ok &= out[lane] == sum && static_cast<int>(out[32 + lane]) == min_i && static_cast<int>(out[64 + lane]) == max_i;
+    ok &= out[96 + lane] == max_u && out[128 + lane] == wrapped && out[160 + lane] == ~mask;
+    ok &= out[192 + lane] == mask && out[224 + lane] == xor_all && static_cast<int>(out[256 + lane]) == half;
+  }
+  check(ok, "__reduce_{add,min,max,and,or,xor}_sync over the groups of __match_any_sync (disjoint masks at one place), "
+            "int and unsigned, wrapping sum, half warps",
+        "lane 4: add %u min %d max %d umax %x wrap %x and %x or %x xor %u half %d", out[4],
+        static_cast<int>(out[36]), static_cast<int>(out[68]), out[100], out[132], out[164], out[196], out[228],
+        static_cast<int>(out[260]));
+}
+
+// Runs this program with --child `mode` (after `env`, shell words); its exit status and
+// output (stdout and stderr).
+struct ChildResult {
+  int status;
+  std::string output;
+};
+
+ChildResult run_child(const char* mode, const char* env = "") {
+  char self[4096];
+  const ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
+  if (n <= 0) return {-1, "readlink /proc/self/exe failed"};
+  self[n] = '\0';
+  const std::string command = std::string(env) + " '" + self + "' --child " + mode + " 2>&1";
+  FILE* pipe = popen(command.c_str(), "r");
+  if (!pipe) return {-1, "popen failed"};
+  std::string output;
+  char buffer[4096];
+  for (std::size_t got; (got = std::fread(buffer, 1, sizeof(buffer), pipe)) > 0;) output.append(buffer, got);
+  const int status = pclose(pipe);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status), output};
+}
+
+// The tail of a child's output, for a failure message.
+std::string tail(const std::string& text) { return text.size() > 1500 ? text.substr(text.size() - 1500) : text; }
+
+int child_main(const std::string& mode) {
+  std::vector<unsigned> out(64, 0);
+  if (mode == "read-after-exit")
+    emu::launch_cluster("read_after_exit_kernel", read_after_exit_kernel, dim3(2), dim3(32), dim3(2), 128, out.data());
+  else if (mode == "overrun")
+    emu::launch_cluster("overrun_kernel", overrun_kernel, dim3(1), dim3(32), dim3(1), 100, out.data(), 100);
+  else if (mode == "dsmem-race")
+    emu::launch_cluster("dsmem_race_kernel", dsmem_race_kernel, dim3(2), dim3(32), dim3(2), 16, out.data());
+  else if (mode == "static-shared")
+    emu::launch_cluster("static_shared_cluster_kernel", static_shared_cluster_kernel, dim3(2), dim3(32), dim3(2), 0,
+                        out.data());
+  else if (mode == "spin")
+    emu::launch_cluster("spin_kernel", spin_kernel, dim3(4), dim3(32), dim3(2), 16);
+  else
+    std::printf("unknown child mode %s\n", mode.c_str());
+  std::printf("child %s: finished without a report\n", mode.c_str());
+  return 0;
+}
+
+void test_reports_in_child_processes() {
+#if defined(__SANITIZE_ADDRESS__)
+  ChildResult r = run_child("read-after-exit");
+  check(r.status != 0 && contains(r.output, "use-after-poison") && contains(r.output, "read_after_exit_kernel"),
+        "AddressSanitizer: reading the dynamic shared memory of a block of the cluster that has exited",
+        "status %d\n%s", r.status, tail(r.output).c_str());
+  r = run_child("overrun");
+  check(r.status != 0 && contains(r.output, "heap-buffer-overflow") && contains(r.output, "100-byte region") &&
+            contains(r.output, "overrun_kernel"),
+        "AddressSanitizer: reading past the end of dynamic shared memory", "status %d\n%s", r.status,
+        tail(r.output).c_str());
+#endif
+#if defined(__SANITIZE_THREAD__)
+  ChildResult r = run_child("dsmem-race");
+  check(r.status != 0 && contains(r.output, "ThreadSanitizer: data race") && contains(r.output, "dsmem_race_kernel"),
+        "ThreadSanitizer: a distributed shared memory read without cluster.sync() after the write is a race",
+        "status %d\n%s", r.status, tail(r.output).c_str());
+  r = run_child("static-shared");
+  check(r.status != 0 && contains(r.output, "ThreadSanitizer: data race") &&
+            contains(r.output, "static_shared_cluster_kernel"),
+        "ThreadSanitizer: static __shared__ written by the blocks of a cluster is reported (one copy)", "status %d\n%s",
+        r.status, tail(r.output).c_str());
+#endif
+  const ChildResult spin = run_child("spin", "DSPARK_EMULATE_TIMEOUT_S=1");
+  check(spin.status == 124 && contains(spin.output, "kernel spin_kernel ran longer than 1 s") &&
+            contains(spin.output, "cluster (1,0,0), block (3,0,0), thread 0"),
+        "the watchdog ends a spinning cluster kernel and names the cluster, block and thread", "status %d\n%s",
+        spin.status, tail(spin.output).c_str());
+}
+
 template <typename T>
 void test_load_chunk(const char* name, T (*convert)(float)) {
   constexpr int kVocab = 61;  // 7 full chunks of 8 halves / 15 of 4 floats, then a partial one
@@ -360,13 +779,18 @@ void test_mma(const char* name, T (*convert)(float)) {
 
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
+  if (argc == 3 && std::strcmp(argv[1], "--child") == 0) return child_main(argv[2]);
   test_blocks_and_barriers();
   test_shuffles();
   test_votes();
   test_atomics_and_groups();
   test_shared_memory_is_private_per_block();
   test_errors();
+  test_clusters();
+  test_cluster_errors();
+  test_reduce();
+  test_reports_in_child_processes();
   test_load_chunk<float>("load_chunk float: 16-byte loads give the row's values", [](float x) { return x; });
   test_load_chunk<__nv_bfloat16>("load_chunk bf16: 16-byte loads give the row's values",
                                  [](float x) { return __float2bfloat16(x); });

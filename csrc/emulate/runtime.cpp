@@ -1,6 +1,7 @@
-// The CUDA emulation's runtime (include/dspark/emulate/runtime.h): blocks run one after
-// another; the threads of a block are fibers scheduled round-robin, each running until it
-// has to wait for others at a barrier or warp collective. On x86-64 a fiber switch is a
+// The CUDA emulation's runtime (include/dspark/emulate/runtime.h): clusters of blocks run one
+// after another (a launch without clusters: clusters of one block); the threads of a
+// cluster's blocks are fibers scheduled round-robin, each running until it has to wait for
+// others at a barrier or warp collective. On x86-64 a fiber switch is a
 // few instructions (switch_stack below); elsewhere it is ucontext's swapcontext, which
 // costs a system call per switch.
 //
@@ -8,7 +9,7 @@
 // (__sanitizer_{start,finish}_switch_fiber) and ThreadSanitizer (__tsan_switch_to_fiber, no
 // implied synchronisation); the runtime's own bookkeeping is hidden from ThreadSanitizer
 // (__tsan_ignore_thread_begin/end), which sees only the synchronisation CUDA defines:
-// barrier and __syncwarp (release on arrival, acquire on departure), the end of a launch,
+// barriers and __syncwarp (release on arrival, acquire on departure), the end of a launch,
 // and the kernel's own atomics. The hooks are weak symbols, present when the process runs
 // with a sanitizer runtime, so this file is built the same way for every build.
 #include "dspark/emulate/runtime.h"
@@ -73,6 +74,7 @@ void __sanitizer_start_switch_fiber(void** fake_stack_save, const void* bottom, 
 void __sanitizer_finish_switch_fiber(void* fake_stack_save, const void** bottom_old, size_t* size_old)
     __attribute__((weak));
 void __asan_unpoison_memory_region(void const volatile* addr, size_t size) __attribute__((weak));
+void __asan_poison_memory_region(void const volatile* addr, size_t size) __attribute__((weak));
 void* __tsan_get_current_fiber() __attribute__((weak));
 void* __tsan_create_fiber(unsigned flags) __attribute__((weak));
 void __tsan_destroy_fiber(void* fiber) __attribute__((weak));
@@ -154,9 +156,10 @@ struct Stack {
   void* tsan_fiber = nullptr;   // the ThreadSanitizer thread of every fiber on this stack
 };
 
-// Fiber stacks, in one mapping made once: memory mapped later could be the old stack of a
-// finished thread, whose accesses ThreadSanitizer still remembers. One set of stacks per
-// block worker (one per CUDA thread of a block).
+// Fiber stacks, mapped in chunks of 1024 as launches need them and never unmapped. One set of
+// stacks per block worker, one stack per CUDA thread of a cluster (up to 8 blocks of 1024):
+// the launching thread maps them (before handing the cluster to the worker, under
+// ThreadSanitizer's ignores: new memory for it, whatever the addresses held before).
 //
 // Under ThreadSanitizer every fiber on a stack is the same TSan thread (created once), and
 // the threads of a block happen after those of the worker's previous block (which used the
@@ -165,39 +168,51 @@ struct Stack {
 // blocks is reported (the usual bug: thread 0 of every block writing the same address).
 class StackPool {
  public:
-  static constexpr unsigned kThreadsPerSet = 1024;
+  static constexpr unsigned kChunk = 1024;
+  static constexpr unsigned kThreadsPerSet = kMaxClusterBlocks * 1024;
 
   StackPool(std::size_t stack_bytes, unsigned sets) : stack_bytes_(stack_bytes), sets_(sets) {
-    const std::size_t slots = std::size_t{kThreadsPerSet} * sets_;
-    void* p = mmap(nullptr, slot_bytes() * slots, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
-                   -1, 0);
-    if (p == MAP_FAILED) throw Error("dspark emulation: cannot map the fiber stacks");
-    char* base = static_cast<char*>(p);
-    for (std::size_t i = 0; i < slots; ++i) {
-      mprotect(base + i * slot_bytes(), page(), PROT_NONE);
-      stacks_.push_back(Stack{base + i * slot_bytes() + page(), stack_bytes_});
-    }
+    // Reserved at once: a Stack never moves (fibers point to theirs, and a warp's lane-0
+    // stack is found as `stack - lane`).
+    for (std::vector<Stack>& set : sets_) set.reserve(kThreadsPerSet);
   }
 
-  Stack* stack(unsigned set, unsigned thread) { return &stacks_[set * kThreadsPerSet + thread]; }
+  // Stack `thread` (a CUDA thread of the cluster: rank * threads per block + linear id) of
+  // set `set`, mapped on first use.
+  Stack* stack(unsigned set, unsigned thread) {
+    std::vector<Stack>& stacks = sets_[set];
+    while (stacks.size() <= thread) map_chunk(stacks);
+    return &stacks[thread];
+  }
 
   // Ends the TSan threads of the fibers (at the end of a launch, which orders everything
   // after it): TSan's cost grows with the history a thread keeps.
   void end_tsan_threads() {
-    for (Stack& stack : stacks_)
-      if (stack.tsan_fiber) {
-        __tsan_destroy_fiber(stack.tsan_fiber);
-        stack.tsan_fiber = nullptr;
-      }
+    for (std::vector<Stack>& stacks : sets_)
+      for (Stack& stack : stacks)
+        if (stack.tsan_fiber) {
+          __tsan_destroy_fiber(stack.tsan_fiber);
+          stack.tsan_fiber = nullptr;
+        }
   }
 
  private:
   static std::size_t page() { return static_cast<std::size_t>(sysconf(_SC_PAGESIZE)); }
   std::size_t slot_bytes() const { return page() + stack_bytes_; }
 
+  void map_chunk(std::vector<Stack>& stacks) {
+    void* p = mmap(nullptr, slot_bytes() * kChunk, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                   -1, 0);
+    if (p == MAP_FAILED) throw Error("dspark emulation: cannot map the fiber stacks");
+    char* base = static_cast<char*>(p);
+    for (std::size_t i = 0; i < kChunk; ++i) {
+      mprotect(base + i * slot_bytes(), page(), PROT_NONE);
+      stacks.push_back(Stack{base + i * slot_bytes() + page(), stack_bytes_});
+    }
+  }
+
   std::size_t stack_bytes_;
-  unsigned sets_;
-  std::vector<Stack> stacks_;
+  std::vector<std::vector<Stack>> sets_;
 };
 
 enum class State { kRunnable, kWaiting, kDone, kFailed };
@@ -238,8 +253,11 @@ struct Context {
 #endif
 };
 
+struct Block;
+
 struct Fiber {
   ThreadInfo info;
+  Block* block = nullptr;
   Context context;
   Stack* stack = nullptr;
   State state = State::kRunnable;
@@ -249,10 +267,11 @@ struct Fiber {
   int tsan_ignores = 0;  // open __tsan_ignore_thread_begin of this fiber
 };
 
-// One meeting of threads: a block barrier or a warp collective. Its address is the
-// ThreadSanitizer synchronisation object of that meeting.
+// One meeting of threads: a block or cluster barrier, or a warp collective. Its address is
+// the ThreadSanitizer synchronisation object of that meeting.
 struct Meeting {
   const char* what;
+  bool barrier;   // __syncthreads or cluster_sync (no mask)
   unsigned mask;  // warp collectives: the member lanes
   Location where;
   std::size_t bytes;
@@ -260,44 +279,73 @@ struct Meeting {
   int arrived = 0;
   int leaving = 0;  // participants that have not left yet; the last one recycles it
   unsigned pool = 0;
-  std::vector<Fiber*> waiters;           // capacity for a whole block: never reallocated
+  std::vector<Fiber*> waiters;           // capacity for all participants: never reallocated
   unsigned char values[32 * kMaxExchangeBytes];  // lane l's contribution at l * bytes
 };
 
-struct Block {
-  const char* kernel_name;
-  uint3 index;
-  std::vector<Fiber> fibers;
-  unsigned num_threads = 0;
-  Meeting* barrier = nullptr;
-  std::vector<std::vector<Meeting*>> warp_meetings;  // per warp, open meetings
-  std::string error;
-
-  // Meetings are recycled, not allocated per barrier: an allocation under ThreadSanitizer
-  // records a stack trace, which was most of the emulation's time. A recycled meeting
-  // keeps its synchronisation history, so each warp (and the barrier: pool `warps`) has its
-  // own pool: one warp's __syncwarp never orders another warp.
+// Meetings are recycled, not allocated per barrier: an allocation under ThreadSanitizer
+// records a stack trace, which was most of the emulation's time. A recycled meeting keeps
+// its synchronisation history, so each warp (and each barrier) has its own pool: one warp's
+// __syncwarp never orders another warp.
+struct MeetingPools {
   std::vector<std::unique_ptr<Meeting>> meetings;
-  std::vector<std::vector<Meeting*>> free_meetings;  // per pool
+  std::vector<std::vector<Meeting*>> free;  // per pool
+  std::size_t max_participants = 0;         // the waiters' capacity
 
-  Meeting* new_meeting(unsigned pool, const char* what, unsigned mask, Location where, std::size_t bytes,
-                       int participants);
+  void init(std::size_t pools, std::size_t participants) {
+    free.resize(pools);
+    for (auto& f : free) f.reserve(16);
+    max_participants = participants;
+  }
+
+  Meeting* get(unsigned pool, const char* what, bool barrier, unsigned mask, Location where, std::size_t bytes,
+               int participants);
 
   void leave(Meeting* m);
 };
 
+struct Cluster;
+
+struct Block {
+  Cluster* cluster = nullptr;
+  uint3 index;
+  unsigned rank = 0;  // in the cluster
+  std::vector<Fiber> fibers;
+  unsigned num_threads = 0;
+  unsigned running = 0;  // threads that have not finished
+  Meeting* barrier = nullptr;
+  std::vector<std::vector<Meeting*>> warp_meetings;  // per warp, open meetings
+  MeetingPools meetings;  // a pool per warp, and the barrier's (pool `warps`)
+  unsigned char* dynamic_shared = nullptr;  // malloc'ed: AddressSanitizer knows its end
+};
+
+// The blocks of one cluster (one block without clusters), run by one scheduler.
+struct Cluster {
+  const char* kernel_name;
+  uint3 index;  // in clusters: blockIdx / dims
+  dim3 dims;
+  std::vector<Block> blocks;  // by rank
+  int num_threads = 0;
+  std::size_t dynamic_shared_bytes = 0;
+  Meeting* barrier = nullptr;  // the open cluster_sync
+  MeetingPools meetings;       // one pool, cluster_sync's
+  std::string error;
+  const Block* error_block = nullptr;  // the block of the thread that failed (none: a deadlock)
+};
+
 // Scheduler state of the OS thread that runs a launch.
 thread_local const ThreadInfo* current_thread = nullptr;  // null outside a kernel
-thread_local Block* tls_block = nullptr;
+thread_local Cluster* tls_cluster = nullptr;
+thread_local Block* tls_block = nullptr;  // the block of the fiber running now
 thread_local Fiber* tls_fiber = nullptr;  // the fiber running now
 thread_local Context tls_scheduler_context;
 thread_local void* tls_scheduler_tsan_fiber = nullptr;
 thread_local const void* tls_scheduler_stack_bottom = nullptr;
 thread_local std::size_t tls_scheduler_stack_size = 0;
 thread_local const std::function<void()>* tls_body = nullptr;
-// ThreadSanitizer: a block's scheduler (which started after the launch) happens before the
-// block's threads, their ends before the launch's return and before the threads of the
-// next block on the same worker (which reuses its shared memory).
+// ThreadSanitizer: a cluster's scheduler (which started after the launch) happens before the
+// cluster's threads, their ends before the launch's return and before the threads of the
+// next cluster on the same worker (which reuses its shared memory).
 char block_start_token;
 char launch_end_token;
 thread_local char tls_worker_token;
@@ -331,19 +379,20 @@ void copy_bytes(void* to, const void* from, std::size_t bytes) {
   for (std::size_t i = 0; i < bytes; ++i) out[i] = in[i];
 }
 
-Meeting* Block::new_meeting(unsigned pool, const char* what, unsigned mask, Location where, std::size_t bytes,
-                     int participants) {
-  std::vector<Meeting*>& free = free_meetings[pool];  // sized by the launcher
-  if (free.empty()) {
+Meeting* MeetingPools::get(unsigned pool, const char* what, bool barrier, unsigned mask, Location where,
+                           std::size_t bytes, int participants) {
+  std::vector<Meeting*>& available = free[pool];  // sized by the launcher
+  if (available.empty()) {
     const TsanIgnore ignore;
     meetings.push_back(std::make_unique<Meeting>());
-    meetings.back()->waiters.reserve(1024);
-    free.push_back(meetings.back().get());
+    meetings.back()->waiters.reserve(max_participants);
+    available.push_back(meetings.back().get());
   }
-  Meeting* m = free.back();
-  free.pop_back();
+  Meeting* m = available.back();
+  available.pop_back();
   m->pool = pool;
   m->what = what;
+  m->barrier = barrier;
   m->mask = mask;
   m->where = where;
   m->bytes = bytes;
@@ -353,19 +402,31 @@ Meeting* Block::new_meeting(unsigned pool, const char* what, unsigned mask, Loca
   return m;
 }
 
-void Block::leave(Meeting* m) {
+void MeetingPools::leave(Meeting* m) {
   if (--m->leaving != 0) return;
-  std::vector<Meeting*>& free = free_meetings[m->pool];
-  if (free.size() == free.capacity()) {
+  std::vector<Meeting*>& available = free[m->pool];
+  if (available.size() == available.capacity()) {
     const TsanIgnore ignore;
-    free.reserve(2 * free.capacity() + 8);
+    available.reserve(2 * available.capacity() + 8);
   }
-  free.push_back(m);
+  available.push_back(m);
 }
 
-std::string block_string(const Block& block) {
-  return "(" + std::to_string(block.index.x) + "," + std::to_string(block.index.y) + "," +
-         std::to_string(block.index.z) + ")";
+std::string index_string(unsigned x, unsigned y, unsigned z) {
+  return "(" + std::to_string(x) + "," + std::to_string(y) + "," + std::to_string(z) + ")";
+}
+
+std::string block_string(const Block& block) { return index_string(block.index.x, block.index.y, block.index.z); }
+
+// "kernel K, block (x,y,z)", or with clusters "kernel K, cluster (i,j,k) of blocks (..) to
+// (..)[, block (x,y,z)]": where an error happened.
+std::string place_string(const Cluster& cluster, const Block* block) {
+  std::string place = "kernel " + std::string(cluster.kernel_name);
+  if (cluster.blocks.size() == 1) return place + ", block " + block_string(cluster.blocks[0]);
+  place += ", cluster " + index_string(cluster.index.x, cluster.index.y, cluster.index.z) + " of blocks " +
+           block_string(cluster.blocks.front()) + " to " + block_string(cluster.blocks.back());
+  if (block) place += ", block " + block_string(*block);
+  return place;
 }
 
 // Fiber side: give control back to the scheduler; returns when the scheduler resumes us.
@@ -394,7 +455,10 @@ void fiber_entry() {
   try {
     (*tls_body)();
   } catch (const std::exception& e) {
-    if (tls_block->error.empty()) tls_block->error = std::string("a thread threw: ") + e.what();
+    if (tls_cluster->error.empty()) {
+      tls_cluster->error = std::string("a thread threw: ") + e.what();
+      tls_cluster->error_block = self->block;
+    }
   }
   if (__tsan_release) {
     __tsan_release(&launch_end_token);
@@ -406,10 +470,23 @@ void fiber_entry() {
   std::abort();  // a finished fiber is never resumed
 }
 
+// Watchdog: ends the process when a launch runs past the time limit (a CUDA thread that
+// never yields cannot be stopped any other way), naming the thread that ran last.
+std::atomic<long long> watchdog_deadline_ns{0};
+std::atomic<const char*> watchdog_kernel{nullptr};
+std::atomic<unsigned> watchdog_cluster_dims[3];  // (0,0,0): no clusters
+std::atomic<unsigned> watchdog_block[3];
+std::atomic<unsigned> watchdog_thread{0};
+
 // Scheduler side: run fiber f until it waits, finishes or fails.
 void resume(Fiber& f) {
   tls_fiber = &f;
+  tls_block = f.block;
   current_thread = &f.info;
+  watchdog_block[0].store(f.info.block_idx.x, std::memory_order_relaxed);
+  watchdog_block[1].store(f.info.block_idx.y, std::memory_order_relaxed);
+  watchdog_block[2].store(f.info.block_idx.z, std::memory_order_relaxed);
+  watchdog_thread.store(f.info.linear, std::memory_order_relaxed);
   void* fake_stack = nullptr;
   if (__sanitizer_start_switch_fiber) __sanitizer_start_switch_fiber(&fake_stack, f.stack->bottom, f.stack->bytes);
   if (__tsan_switch_to_fiber) {
@@ -419,6 +496,7 @@ void resume(Fiber& f) {
   Context::switch_to(tls_scheduler_context, f.context);
   if (__sanitizer_finish_switch_fiber) __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
   tls_fiber = nullptr;
+  tls_block = nullptr;
   current_thread = nullptr;
 }
 
@@ -439,7 +517,7 @@ void complete(Meeting& meeting) {
 }
 
 std::string describe(const Meeting& meeting) {
-  if (std::strcmp(meeting.what, "__syncthreads") == 0) return "__syncthreads at " + where_string(meeting.where);
+  if (meeting.barrier) return std::string(meeting.what) + " at " + where_string(meeting.where);
   return std::string(meeting.what) + "(mask " + hex(meeting.mask) + ") at " + where_string(meeting.where);
 }
 
@@ -447,13 +525,14 @@ std::string describe(const Meeting& meeting) {
 #define DSPARK_FAIL_HERE(message) (tsan_ignore_begin(), fail_here(message))
 
 [[noreturn]] void fail_here(const std::string& message) {
-  Block& block = *tls_block;
+  Cluster& cluster = *tls_cluster;
   Fiber& self = *tls_fiber;
-  if (block.error.empty()) {
+  if (cluster.error.empty()) {
     const ThreadInfo& t = self.info;
-    block.error = message + " (thread (" + std::to_string(t.thread_idx.x) + "," + std::to_string(t.thread_idx.y) + "," +
-                  std::to_string(t.thread_idx.z) + "), warp " + std::to_string(t.warp) + " lane " +
-                  std::to_string(t.lane) + ")";
+    cluster.error = message + " (thread (" + std::to_string(t.thread_idx.x) + "," + std::to_string(t.thread_idx.y) +
+                    "," + std::to_string(t.thread_idx.z) + "), warp " + std::to_string(t.warp) + " lane " +
+                    std::to_string(t.lane) + ")";
+    cluster.error_block = self.block;
   }
   self.state = State::kFailed;
   switch_to_scheduler(false);
@@ -467,22 +546,28 @@ std::string thread_list(const std::vector<unsigned>& ids) {
   return out.str();
 }
 
-// Where every unfinished thread is, when none can run.
-std::string deadlock_report(const Block& block) {
-  std::map<std::string, std::vector<unsigned>> by_place;
-  for (const Fiber& f : block.fibers) {
-    if (f.state == State::kDone) by_place["exited"].push_back(f.info.linear);
-    else if (f.waiting_in) by_place["waiting at " + describe(*f.waiting_in)].push_back(f.info.linear);
-    else by_place["stopped"].push_back(f.info.linear);
+// Where every unfinished thread is, when none can run (with clusters, per block).
+std::string deadlock_report(const Cluster& cluster) {
+  const bool clustered = cluster.blocks.size() > 1;
+  std::map<std::pair<unsigned, std::string>, std::vector<unsigned>> by_place;  // (rank, place)
+  for (const Block& block : cluster.blocks) {
+    const std::string prefix = clustered ? "block " + block_string(block) + " " : "";
+    for (const Fiber& f : block.fibers) {
+      std::string place = f.state == State::kDone ? "exited"
+                          : f.waiting_in          ? "waiting at " + describe(*f.waiting_in)
+                                                  : "stopped";
+      by_place[{block.rank, prefix + place}].push_back(f.info.linear);
+    }
   }
   std::ostringstream out;
-  out << "deadlock: no thread can make progress (on a GPU this kernel hangs). Threads (linear ids):";
-  for (const auto& [place, ids] : by_place) out << "\n  " << place << ": " << thread_list(ids);
+  out << "deadlock: no thread can make progress (on a GPU this kernel hangs). Threads (linear ids"
+      << (clustered ? " in their block" : "") << "):";
+  for (const auto& [place, ids] : by_place) out << "\n  " << place.second << ": " << thread_list(ids);
   return out.str();
 }
 
-// The shared-memory section holds garbage at the start of each block, and is new memory
-// for ThreadSanitizer (the previous block's accesses were to another SM's memory).
+// The shared-memory section holds garbage at the start of each cluster, and is new memory
+// for ThreadSanitizer (the previous cluster's accesses were to another SM's memory).
 void reset_shared_memory() {
   if (!__start_dspark_shared || !__stop_dspark_shared) return;
   const std::size_t bytes = static_cast<std::size_t>(__stop_dspark_shared - __start_dspark_shared);
@@ -490,10 +575,24 @@ void reset_shared_memory() {
   if (AnnotateNewMemory) AnnotateNewMemory(__FILE__, __LINE__, __start_dspark_shared, bytes);
 }
 
-// Watchdog: ends the process when a launch runs past the time limit (a CUDA thread that
-// never yields cannot be stopped any other way).
-std::atomic<long long> watchdog_deadline_ns{0};
-std::atomic<const char*> watchdog_kernel{nullptr};
+// Whether a thread wrote to the shared-memory section since reset_shared_memory: a kernel
+// that uses static __shared__ variables, wrong in a cluster of more than one block (its
+// blocks would share the one copy). Only outside the ThreadSanitizer build, where the
+// variables are thread_local instead (device.h).
+bool static_shared_written() {
+  if (!__start_dspark_shared || !__stop_dspark_shared) return false;
+  const unsigned char* p = reinterpret_cast<const unsigned char*>(__start_dspark_shared);
+  const unsigned char* end = reinterpret_cast<const unsigned char*>(__stop_dspark_shared);
+  const uint64_t garbage = 0x0101010101010101ull * kSharedGarbage;
+  for (; p + sizeof(uint64_t) <= end; p += sizeof(uint64_t)) {
+    uint64_t word;
+    std::memcpy(&word, p, sizeof(word));
+    if (word != garbage) return true;
+  }
+  for (; p < end; ++p)
+    if (*p != kSharedGarbage) return true;
+  return false;
+}
 
 void start_watchdog() {
   static std::once_flag once;
@@ -505,10 +604,21 @@ void start_watchdog() {
         const long long now = std::chrono::duration_cast<std::chrono::nanoseconds>(
                                   std::chrono::steady_clock::now().time_since_epoch()).count();
         if (deadline != 0 && now > deadline) {
+          // The thread that ran last: the one that never yields.
+          unsigned b[3], c[3];
+          for (int i = 0; i < 3; ++i) {
+            b[i] = watchdog_block[i].load();
+            c[i] = watchdog_cluster_dims[i].load();
+          }
+          char cluster[96] = "";
+          if (c[0] != 0)
+            std::snprintf(cluster, sizeof(cluster), "cluster (%u,%u,%u), ", b[0] / c[0], b[1] / c[1], b[2] / c[2]);
           std::fprintf(stderr,
-                       "dspark emulation watchdog: kernel %s ran longer than %d s (DSPARK_EMULATE_TIMEOUT_S): a thread "
-                       "that never reaches a barrier or collective, or waits on another block; ending the process\n",
-                       watchdog_kernel.load(), time_limit_seconds());
+                       "dspark emulation watchdog: kernel %s ran longer than %d s (DSPARK_EMULATE_TIMEOUT_S), last in "
+                       "%sblock (%u,%u,%u), thread %u: a thread that never reaches a barrier or collective, or spins "
+                       "on a value another thread or block sets; ending the process\n",
+                       watchdog_kernel.load(), time_limit_seconds(), cluster, b[0], b[1], b[2],
+                       watchdog_thread.load());
           std::fflush(stderr);
           std::_Exit(124);
         }
@@ -517,11 +627,11 @@ void start_watchdog() {
   });
 }
 
-// A persistent OS thread that runs the blocks handed to it, one at a time, with a small
-// stack of its own (it runs only the block's scheduler; the fibers have their own stacks).
-// Block b runs on worker b % kWorkers with the stack set of that worker: its thread_local
-// __shared__ variables (ThreadSanitizer build) and its fibers' stacks are then never
-// memory that another worker's fibers touched.
+// A persistent OS thread that runs the clusters handed to it, one at a time, with a small
+// stack of its own (it runs only the cluster's scheduler; the fibers have their own stacks).
+// Cluster c (a block, without clusters) runs on worker c % kWorkers with the stack set of
+// that worker: its thread_local __shared__ variables (ThreadSanitizer build) and its fibers'
+// stacks are then never memory that another worker's fibers touched.
 class BlockWorker {
  public:
   BlockWorker() {
@@ -563,65 +673,123 @@ class BlockWorker {
   const std::function<void()>* job_ = nullptr;
 };
 
-void run_block(Block& block, const std::function<void()>& body) {
-  reset_shared_memory();
-  if (__tsan_release) __tsan_release(&block_start_token);
-  for (Fiber& f : block.fibers) {
-    // A finished fiber never returns from its first frames, whose AddressSanitizer
-    // poisoning stays behind near the top of its stack; an abandoned one leaves it anywhere.
-    if (__asan_unpoison_memory_region) {
-      const std::size_t dirty = f.stack->abandoned ? f.stack->bytes : std::min<std::size_t>(f.stack->bytes, 16384);
-      __asan_unpoison_memory_region(f.stack->bottom + f.stack->bytes - dirty, dirty);
-    }
-    f.stack->abandoned = true;  // until the fiber finishes
-    f.context.start(f.stack->bottom, f.stack->bytes, fiber_entry);
-    f.state = State::kRunnable;
-    if (__tsan_create_fiber) {
-      Stack* owner = tsan_thread_per_lane() ? f.stack : f.stack - f.info.lane;  // the warp's lane 0
-      if (!owner->tsan_fiber) owner->tsan_fiber = __tsan_create_fiber(0);
-      f.tsan_fiber = owner->tsan_fiber;
-    }
-    f.tsan_ignores = 0;
-  }
-  tls_block = &block;
-  tls_body = &body;
-  for (;;) {
-    bool ran = false;
-    for (Fiber& f : block.fibers) {
-      if (f.state != State::kRunnable) continue;
-      resume(f);
-      ran = true;
-      if (!block.error.empty()) break;
-    }
-    if (!block.error.empty()) break;
-    if (std::all_of(block.fibers.begin(), block.fibers.end(), [](const Fiber& f) { return f.state == State::kDone; }))
-      break;
-    if (!ran) {
-      block.error = deadlock_report(block);
-      break;
-    }
-  }
-  tls_block = nullptr;
-  tls_body = nullptr;
-  for (Fiber& f : block.fibers) {
-    if (!f.tsan_fiber) continue;
-    if (f.state != State::kDone) {
-      // Abandoned (its ignores ended when it switched out): end it as that fiber, so that
-      // the launch's return is ordered after its accesses as after those of the others.
-      __tsan_switch_to_fiber(f.tsan_fiber, kTsanNoSync);
-      if (__tsan_release) {
-        __tsan_release(&launch_end_token);
-        __tsan_release(&tls_worker_token);
-      }
-      __tsan_switch_to_fiber(tls_scheduler_tsan_fiber, kTsanNoSync);
-    }
-    f.tsan_fiber = nullptr;
-  }
-  if (!block.error.empty()) {
-    throw Error("dspark emulation: kernel " + std::string(block.kernel_name) + ", block " + block_string(block) +
-                ": " + block.error);
+// A block's dynamic shared memory: exactly `bytes` from the allocator (AddressSanitizer
+// reports an access past the end), 16-byte aligned, garbage. Allocated by the scheduler
+// under ThreadSanitizer's ignores: new memory for it, with no history of an earlier block's
+// memory at the same address.
+void allocate_dynamic_shared(Block& block, std::size_t bytes) {
+  void* p = nullptr;
+  if (posix_memalign(&p, 16, bytes) != 0)
+    throw Error("dspark emulation: cannot allocate " + std::to_string(bytes) + " bytes of dynamic shared memory");
+  if (p) std::memset(p, kSharedGarbage, bytes);
+  block.dynamic_shared = static_cast<unsigned char*>(p);
+}
+
+void free_dynamic_shared(Cluster& cluster) {
+  for (Block& block : cluster.blocks) {
+    if (block.dynamic_shared && __asan_unpoison_memory_region)
+      __asan_unpoison_memory_region(block.dynamic_shared, cluster.dynamic_shared_bytes);
+    std::free(block.dynamic_shared);
+    block.dynamic_shared = nullptr;
   }
 }
+
+// All threads of `block` have finished: on a GPU its shared memory is gone (another block
+// of the cluster reading it now reads undefined values). AddressSanitizer reports such a
+// read from now on.
+void block_exited(const Cluster& cluster, const Block& block) {
+  if (block.dynamic_shared && __asan_poison_memory_region)
+    __asan_poison_memory_region(block.dynamic_shared, cluster.dynamic_shared_bytes);
+}
+
+void run_cluster(Cluster& cluster, const std::function<void()>& body) {
+  reset_shared_memory();
+  struct FreeDynamicShared {
+    Cluster& cluster;
+    ~FreeDynamicShared() { free_dynamic_shared(cluster); }
+  } free_at_end{cluster};
+  for (Block& block : cluster.blocks) allocate_dynamic_shared(block, cluster.dynamic_shared_bytes);
+  if (__tsan_release) __tsan_release(&block_start_token);
+  for (Block& block : cluster.blocks) {
+    block.running = block.num_threads;
+    for (Fiber& f : block.fibers) {
+      // A finished fiber never returns from its first frames, whose AddressSanitizer
+      // poisoning stays behind near the top of its stack; an abandoned one leaves it anywhere.
+      if (__asan_unpoison_memory_region) {
+        const std::size_t dirty = f.stack->abandoned ? f.stack->bytes : std::min<std::size_t>(f.stack->bytes, 16384);
+        __asan_unpoison_memory_region(f.stack->bottom + f.stack->bytes - dirty, dirty);
+      }
+      f.stack->abandoned = true;  // until the fiber finishes
+      f.context.start(f.stack->bottom, f.stack->bytes, fiber_entry);
+      f.state = State::kRunnable;
+      if (__tsan_create_fiber) {
+        Stack* owner = tsan_thread_per_lane() ? f.stack : f.stack - f.info.lane;  // the warp's lane 0
+        if (!owner->tsan_fiber) owner->tsan_fiber = __tsan_create_fiber(0);
+        f.tsan_fiber = owner->tsan_fiber;
+      }
+      f.tsan_ignores = 0;
+    }
+  }
+  tls_cluster = &cluster;
+  tls_body = &body;
+  const bool clustered = cluster.blocks.size() > 1;
+  for (;;) {
+    bool ran = false;
+    for (Block& block : cluster.blocks) {
+      for (Fiber& f : block.fibers) {
+        if (f.state != State::kRunnable) continue;
+        resume(f);
+        ran = true;
+        if (f.state == State::kDone && --block.running == 0) block_exited(cluster, block);
+        if (!cluster.error.empty()) break;
+      }
+      if (!cluster.error.empty()) break;
+    }
+    // Checked every round, before whatever the sharing led to (wrong values, a deadlock).
+    if (clustered && static_shared_written()) {
+      cluster.error = "static __shared__ memory was written in a launch with clusters of " +
+                      std::to_string(cluster.blocks.size()) +
+                      " blocks: the emulation has one copy of a static __shared__ variable, not one per block, which "
+                      "the blocks of a cluster would share. Keep the shared memory of a cluster kernel (and of the "
+                      "functions it calls) in dynamic shared memory (DSPARK_DYNAMIC_SHARED, dspark/cluster.cuh)" +
+                      (cluster.error.empty() ? std::string() : "; the cluster then also failed: " + cluster.error);
+      cluster.error_block = nullptr;
+      break;
+    }
+    if (!cluster.error.empty()) break;
+    if (std::all_of(cluster.blocks.begin(), cluster.blocks.end(), [](const Block& b) { return b.running == 0; })) break;
+    if (!ran) {
+      cluster.error = deadlock_report(cluster);
+      break;
+    }
+  }
+  tls_cluster = nullptr;
+  tls_body = nullptr;
+  for (Block& block : cluster.blocks)
+    for (Fiber& f : block.fibers) {
+      if (!f.tsan_fiber) continue;
+      if (f.state != State::kDone) {
+        // Abandoned (its ignores ended when it switched out): end it as that fiber, so that
+        // the launch's return is ordered after its accesses as after those of the others.
+        __tsan_switch_to_fiber(f.tsan_fiber, kTsanNoSync);
+        if (__tsan_release) {
+          __tsan_release(&launch_end_token);
+          __tsan_release(&tls_worker_token);
+        }
+        __tsan_switch_to_fiber(tls_scheduler_tsan_fiber, kTsanNoSync);
+      }
+      f.tsan_fiber = nullptr;
+    }
+  if (!cluster.error.empty())
+    throw Error("dspark emulation: " + place_string(cluster, cluster.error_block) + ": " + cluster.error);
+}
+
+// An Error for a runtime call that only a CUDA thread can make.
+void require_kernel(const char* what) {
+  if (tls_fiber == nullptr) throw Error(std::string("dspark emulation: ") + what + " called outside a kernel");
+}
+
+std::string dim_string(dim3 d) { return index_string(d.x, d.y, d.z); }
 
 }  // namespace
 
@@ -631,19 +799,37 @@ ThreadInfo this_thread() {
 }
 
 void run_kernel(const char* kernel_name, dim3 grid, dim3 block_dim, const std::function<void()>& body) {
+  run_kernel(kernel_name, grid, block_dim, dim3(1, 1, 1), 0, body);
+}
+
+void run_kernel(const char* kernel_name, dim3 grid, dim3 block_dim, dim3 cluster_dim, std::size_t dynamic_shared_bytes,
+                const std::function<void()>& body) {
   if (tls_fiber != nullptr) throw Error("dspark emulation: a kernel launch from inside a kernel is not supported");
   const unsigned long long threads = static_cast<unsigned long long>(block_dim.x) * block_dim.y * block_dim.z;
   if (threads == 0 || threads > 1024 || block_dim.z > 64)
-    throw Error("dspark emulation: kernel " + std::string(kernel_name) + ": invalid block size (" +
-                std::to_string(block_dim.x) + "," + std::to_string(block_dim.y) + "," + std::to_string(block_dim.z) +
-                "); CUDA allows at most 1024 threads");
+    throw Error("dspark emulation: kernel " + std::string(kernel_name) + ": invalid block size " +
+                dim_string(block_dim) + "; CUDA allows at most 1024 threads");
   if (grid.y > 65535 || grid.z > 65535 || grid.x == 0 || grid.y == 0 || grid.z == 0)
-    throw Error("dspark emulation: kernel " + std::string(kernel_name) + ": invalid grid (" + std::to_string(grid.x) +
-                "," + std::to_string(grid.y) + "," + std::to_string(grid.z) + ")");
+    throw Error("dspark emulation: kernel " + std::string(kernel_name) + ": invalid grid " + dim_string(grid));
+  // The checks of cudaLaunchKernelEx with a cluster dimension (cudaErrorInvalidClusterSize,
+  // cudaErrorInvalidValue).
+  const unsigned long long cluster_blocks =
+      static_cast<unsigned long long>(cluster_dim.x) * cluster_dim.y * cluster_dim.z;
+  if (cluster_blocks == 0 || cluster_blocks > kMaxClusterBlocks)
+    throw Error("dspark emulation: kernel " + std::string(kernel_name) + ": invalid cluster " +
+                dim_string(cluster_dim) + " of " + std::to_string(cluster_blocks) + " blocks; CUDA allows 1 to " +
+                std::to_string(kMaxClusterBlocks) + " blocks a cluster (the portable cluster size)");
+  if (grid.x % cluster_dim.x != 0 || grid.y % cluster_dim.y != 0 || grid.z % cluster_dim.z != 0)
+    throw Error("dspark emulation: kernel " + std::string(kernel_name) + ": grid " + dim_string(grid) +
+                " is not a multiple of the cluster " + dim_string(cluster_dim) + " in every dimension");
+  if (dynamic_shared_bytes > kMaxDynamicSharedBytes)
+    throw Error("dspark emulation: kernel " + std::string(kernel_name) + ": " + std::to_string(dynamic_shared_bytes) +
+                " bytes of dynamic shared memory; a block may have at most " + std::to_string(kMaxDynamicSharedBytes) +
+                " (227 KiB, sm_90)");
   // One launch at a time (a launch on a stream is synchronous here anyway).
   static std::mutex launch_mutex;
   const std::lock_guard<std::mutex> lock(launch_mutex);
-  // Under ThreadSanitizer four workers (see StackPool), otherwise one.
+  // Under ThreadSanitizer two workers (see StackPool), otherwise one.
   static const unsigned num_workers = __tsan_switch_to_fiber ? kTsanWorkers : 1;
   static StackPool stacks(stack_bytes(), num_workers);
   // Never destroyed: at exit a worker still waits on its condition variable.
@@ -653,6 +839,9 @@ void run_kernel(const char* kernel_name, dim3 grid, dim3 block_dim, const std::f
 
   start_watchdog();
   watchdog_kernel.store(kernel_name);
+  watchdog_cluster_dims[0].store(cluster_blocks > 1 ? cluster_dim.x : 0);
+  watchdog_cluster_dims[1].store(cluster_dim.y);
+  watchdog_cluster_dims[2].store(cluster_dim.z);
   watchdog_deadline_ns.store(std::chrono::duration_cast<std::chrono::nanoseconds>(
                                  std::chrono::steady_clock::now().time_since_epoch()).count() +
                              static_cast<long long>(time_limit_seconds()) * 1000000000LL);
@@ -660,33 +849,51 @@ void run_kernel(const char* kernel_name, dim3 grid, dim3 block_dim, const std::f
     ~DisarmWatchdog() { watchdog_deadline_ns.store(0); }
   } disarm;
 
-  unsigned long long block_number = 0;
-  for (unsigned z = 0; z < grid.z; ++z)
-    for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x, ++block_number) {
-        Block block;
-        block.kernel_name = kernel_name;
-        block.index = uint3{x, y, z};
-        block.num_threads = static_cast<unsigned>(threads);
-        block.fibers.resize(threads);
-        block.warp_meetings.resize((threads + 31) / 32);
-        for (auto& open : block.warp_meetings) open.reserve(32);
-        block.free_meetings.resize(block.warp_meetings.size() + 1);  // a pool per warp, and the barrier's
-        for (auto& free : block.free_meetings) free.reserve(16);
-        unsigned linear = 0;
-        for (unsigned tz = 0; tz < block_dim.z; ++tz)
-          for (unsigned ty = 0; ty < block_dim.y; ++ty)
-            for (unsigned tx = 0; tx < block_dim.x; ++tx, ++linear) {
-              Fiber& f = block.fibers[linear];
-              f.info = ThreadInfo{uint3{tx, ty, tz}, block.index, block_dim, grid, linear, linear / 32, linear % 32};
-              f.stack = stacks.stack(static_cast<unsigned>(block_number % num_workers), linear);
+  const unsigned num_threads = static_cast<unsigned>(threads);
+  const unsigned num_blocks = static_cast<unsigned>(cluster_blocks);
+  unsigned long long cluster_number = 0;
+  for (unsigned z = 0; z < grid.z / cluster_dim.z; ++z)
+    for (unsigned y = 0; y < grid.y / cluster_dim.y; ++y)
+      for (unsigned x = 0; x < grid.x / cluster_dim.x; ++x, ++cluster_number) {
+        const unsigned worker = static_cast<unsigned>(cluster_number % num_workers);
+        Cluster cluster;
+        cluster.kernel_name = kernel_name;
+        cluster.index = uint3{x, y, z};
+        cluster.dims = cluster_dim;
+        cluster.num_threads = static_cast<int>(num_threads * num_blocks);
+        cluster.dynamic_shared_bytes = dynamic_shared_bytes;
+        cluster.meetings.init(1, num_threads * num_blocks);
+        cluster.blocks.resize(num_blocks);
+        unsigned rank = 0;
+        for (unsigned rz = 0; rz < cluster_dim.z; ++rz)
+          for (unsigned ry = 0; ry < cluster_dim.y; ++ry)
+            for (unsigned rx = 0; rx < cluster_dim.x; ++rx, ++rank) {
+              Block& block = cluster.blocks[rank];
+              block.cluster = &cluster;
+              block.rank = rank;
+              block.index = uint3{x * cluster_dim.x + rx, y * cluster_dim.y + ry, z * cluster_dim.z + rz};
+              block.num_threads = num_threads;
+              block.fibers.resize(num_threads);
+              block.warp_meetings.resize((num_threads + 31) / 32);
+              for (auto& open : block.warp_meetings) open.reserve(32);
+              block.meetings.init(block.warp_meetings.size() + 1, num_threads);  // a pool per warp, and the barrier's
+              unsigned linear = 0;
+              for (unsigned tz = 0; tz < block_dim.z; ++tz)
+                for (unsigned ty = 0; ty < block_dim.y; ++ty)
+                  for (unsigned tx = 0; tx < block_dim.x; ++tx, ++linear) {
+                    Fiber& f = block.fibers[linear];
+                    f.info = ThreadInfo{uint3{tx, ty, tz}, block.index, block_dim, grid,
+                                        linear, linear / 32, linear % 32};
+                    f.block = &block;
+                    f.stack = stacks.stack(worker, rank * num_threads + linear);
+                  }
             }
         std::exception_ptr failure;
-        workers[block_number % num_workers]->run([&] {
+        workers[worker]->run([&] {
           const TsanIgnore ignore_worker;
           tls_scheduler_tsan_fiber = __tsan_get_current_fiber ? __tsan_get_current_fiber() : nullptr;
           try {
-            run_block(block, body);
+            run_cluster(cluster, body);
           } catch (...) {
             failure = std::current_exception();
           }
@@ -705,8 +912,8 @@ void syncthreads(Location where) {
   Block& block = *tls_block;
   Fiber& self = *tls_fiber;
   if (!block.barrier) {
-    block.barrier = block.new_meeting(static_cast<unsigned>(block.warp_meetings.size()), "__syncthreads", 0, where, 0,
-                                      static_cast<int>(block.num_threads));
+    block.barrier = block.meetings.get(static_cast<unsigned>(block.warp_meetings.size()), "__syncthreads",
+                                       /*barrier=*/true, 0, where, 0, static_cast<int>(block.num_threads));
   } else if (!same_location(block.barrier->where, where)) {
     DSPARK_FAIL_HERE("__syncthreads at " + where_string(where) + " while other threads of the block wait at __syncthreads at " +
               where_string(block.barrier->where) + " (divergent barrier)");
@@ -720,7 +927,83 @@ void syncthreads(Location where) {
     wait_in(*meeting, self);
   }
   if (__tsan_acquire) __tsan_acquire(meeting);
-  block.leave(meeting);
+  block.meetings.leave(meeting);
+}
+
+void cluster_sync(Location where) {
+  require_kernel("cluster_sync");
+  Cluster& cluster = *tls_cluster;
+  Fiber& self = *tls_fiber;
+  if (!cluster.barrier) {
+    cluster.barrier = cluster.meetings.get(0, "cluster_sync", /*barrier=*/true, 0, where, 0, cluster.num_threads);
+  } else if (!same_location(cluster.barrier->where, where)) {
+    DSPARK_FAIL_HERE("cluster_sync at " + where_string(where) +
+                     " while other threads of the cluster wait at cluster_sync at " +
+                     where_string(cluster.barrier->where) + " (divergent barrier)");
+  }
+  Meeting* meeting = cluster.barrier;
+  if (__tsan_release) __tsan_release(meeting);
+  if (++meeting->arrived == cluster.num_threads) {
+    cluster.barrier = nullptr;
+    complete(*meeting);
+  } else {
+    wait_in(*meeting, self);
+  }
+  if (__tsan_acquire) __tsan_acquire(meeting);
+  cluster.meetings.leave(meeting);
+}
+
+void* dynamic_shared_memory() {
+  require_kernel("dynamic_shared_memory");
+  return tls_block->dynamic_shared;
+}
+
+unsigned cluster_block_rank() {
+  require_kernel("cluster_block_rank");
+  return tls_block->rank;
+}
+
+dim3 cluster_dims() {
+  require_kernel("cluster_dims");
+  return tls_cluster->dims;
+}
+
+void* map_shared_rank(const void* address, unsigned rank, Location where) {
+  require_kernel("map_shared_rank");
+  const Block& block = *tls_block;
+  const Cluster& cluster = *tls_cluster;
+  const std::size_t bytes = cluster.dynamic_shared_bytes;
+  const uintptr_t base = reinterpret_cast<uintptr_t>(block.dynamic_shared);
+  const uintptr_t p = reinterpret_cast<uintptr_t>(address);
+  // (One past the end is an address of the memory too, as for any C++ array.)
+  if (block.dynamic_shared == nullptr || p < base || p > base + bytes) {
+    char text[160];
+    std::snprintf(text, sizeof(text), ": address %p is not in the block's dynamic shared memory (%zu bytes at %p)",
+                  address, bytes, static_cast<const void*>(block.dynamic_shared));
+    DSPARK_FAIL_HERE("map_shared_rank at " + where_string(where) + text +
+                     ": the emulation maps only dynamic shared memory (DSPARK_DYNAMIC_SHARED); a static __shared__ "
+                     "variable is not per block in a cluster here");
+  }
+  if (rank >= cluster.blocks.size())
+    DSPARK_FAIL_HERE("map_shared_rank at " + where_string(where) + ": rank " +
+                     (rank > 0x7FFFFFFFu ? std::to_string(static_cast<int>(rank)) : std::to_string(rank)) +
+                     ", but the cluster has " + std::to_string(cluster.blocks.size()) + " blocks");
+  return cluster.blocks[rank].dynamic_shared + (p - base);
+}
+
+unsigned query_shared_rank(const void* address, Location where) {
+  require_kernel("query_shared_rank");
+  const Cluster& cluster = *tls_cluster;
+  const uintptr_t p = reinterpret_cast<uintptr_t>(address);
+  for (const Block& block : cluster.blocks) {
+    const uintptr_t base = reinterpret_cast<uintptr_t>(block.dynamic_shared);
+    if (block.dynamic_shared != nullptr && p >= base && p < base + cluster.dynamic_shared_bytes) return block.rank;
+  }
+  char text[96];
+  std::snprintf(text, sizeof(text), ": address %p", address);
+  DSPARK_FAIL_HERE("query_shared_rank at " + where_string(where) + text +
+                   " is not in the dynamic shared memory of a block of the cluster (the emulation knows only dynamic "
+                   "shared memory there)");
 }
 
 void warp_exchange(const char* what, unsigned mask, const void* mine, std::size_t bytes, void* all,
@@ -736,18 +1019,26 @@ void warp_exchange(const char* what, unsigned mask, const void* mine, std::size_
     DSPARK_FAIL_HERE(std::string(what) + " at " + where_string(where) + ": mask " + hex(mask) +
               " names lanes that do not exist in this block's last warp (" + std::to_string(lanes_in_warp) +
               " lanes): they never arrive");
+  // Lanes of a warp may be at several collectives at once: disjoint groups at the same place
+  // (each with its own mask, as after __match_any_sync), and lanes that have left a
+  // group's collective waiting at a later one for lanes still on their way. This lane joins
+  // the open meeting of this very collective (what, mask, place) if there is one. Another
+  // open meeting that expects this lane while lanes of this lane's mask wait in it can
+  // never complete (they wait for this lane, this lane for them): lanes at different
+  // collectives, or with different masks, reported here rather than as a deadlock.
   auto& open = block.warp_meetings[warp];
   Meeting* meeting = nullptr;
   for (Meeting* m : open) {
-    if ((m->mask & mask) == 0u) continue;
-    if (m->mask != mask || std::strcmp(m->what, what) != 0 || !same_location(m->where, where) || m->bytes != bytes)
+    if (m->mask == mask && std::strcmp(m->what, what) == 0 && same_location(m->where, where) && m->bytes == bytes) {
+      meeting = m;
+    } else if (((m->mask >> lane) & 1u) != 0u && (m->arrived_lanes & mask) != 0u) {
       DSPARK_FAIL_HERE(std::string(what) + "(mask " + hex(mask) + ") at " + where_string(where) + " while lanes " +
                 hex(m->arrived_lanes) + " of the warp wait at " + m->what + "(mask " + hex(m->mask) + ") at " +
                 where_string(m->where) + " (lanes must meet at the same collective with the same mask)");
-    meeting = m;
+    }
   }
   if (!meeting) {
-    meeting = block.new_meeting(warp, what, mask, where, bytes, __builtin_popcount(mask));
+    meeting = block.meetings.get(warp, what, /*barrier=*/false, mask, where, bytes, __builtin_popcount(mask));
     open.push_back(meeting);
   }
   if (meeting->arrived_lanes & (1u << lane)) DSPARK_FAIL_HERE(std::string(what) + ": lane arrived twice");
@@ -765,7 +1056,7 @@ void warp_exchange(const char* what, unsigned mask, const void* mine, std::size_
     for (unsigned l = 0; l < 32; ++l)
       if ((mask >> l) & 1u) copy_bytes(static_cast<unsigned char*>(all) + l * bytes, meeting->values + l * bytes, bytes);
   if (orders_memory && __tsan_acquire) __tsan_acquire(meeting);
-  block.leave(meeting);
+  block.meetings.leave(meeting);
 }
 
 void fail(const std::string& message, Location where) {

@@ -5,7 +5,13 @@
 // CUDA promises no more than the calling thread, and lanes here do not run in lockstep,
 // so it is exactly that: a group of one. Code that is correct for every grouping CUDA
 // allows is correct for this one; code that assumes a full warp there is not.
+//
+// cluster_group (sm_90) has the toolkit's member names and signatures (static members,
+// map_shared_rank(T*, int)), each with a trailing defaulted std::source_location, so that
+// the runtime's reports name the kernel's line rather than this header's.
 #pragma once
+
+#include <source_location>
 
 #include "dspark/emulate/device.h"
 
@@ -71,5 +77,64 @@ class thread_block {
 };
 
 inline thread_block this_thread_block() { return thread_block(); }
+
+// The thread-block cluster of the calling block (runtime.h). Without clusters, a cluster of
+// one block, as on a GPU.
+class cluster_group {
+  friend cluster_group this_cluster();
+  cluster_group() = default;
+
+  static ::dspark::emulate::Location at(const std::source_location& where) {
+    return ::dspark::emulate::Location{where.file_name(), static_cast<int>(where.line())};
+  }
+  static unsigned int threads_per_block() {
+    const dim3 d = ::dspark::emulate::this_thread().block_dim;
+    return d.x * d.y * d.z;
+  }
+
+ public:
+  // barrier.cluster.arrive + barrier.cluster.wait: every thread of the cluster.
+  static void sync(std::source_location where = std::source_location::current()) {
+    ::dspark::emulate::cluster_sync(at(where));
+  }
+  // The same offset in the dynamic shared memory of block `rank` of the cluster.
+  template <typename T>
+  static T* map_shared_rank(T* addr, int rank, std::source_location where = std::source_location::current()) {
+    return static_cast<T*>(::dspark::emulate::map_shared_rank(addr, static_cast<unsigned>(rank), at(where)));
+  }
+  static unsigned int query_shared_rank(const void* addr,
+                                        std::source_location where = std::source_location::current()) {
+    return ::dspark::emulate::query_shared_rank(addr, at(where));
+  }
+  static dim3 block_index() {
+    const uint3 b = ::dspark::emulate::this_thread().block_idx;
+    const dim3 d = ::dspark::emulate::cluster_dims();
+    return dim3(b.x % d.x, b.y % d.y, b.z % d.z);
+  }
+  static unsigned int block_rank() { return ::dspark::emulate::cluster_block_rank(); }
+  static dim3 thread_index() {
+    const ::dspark::emulate::ThreadInfo t = ::dspark::emulate::this_thread();
+    const dim3 b = block_index();
+    return dim3(b.x * t.block_dim.x + t.thread_idx.x, b.y * t.block_dim.y + t.thread_idx.y,
+                b.z * t.block_dim.z + t.thread_idx.z);
+  }
+  static unsigned int thread_rank() {
+    return block_rank() * threads_per_block() + ::dspark::emulate::this_thread().linear;
+  }
+  static dim3 dim_blocks() { return ::dspark::emulate::cluster_dims(); }
+  static unsigned int num_blocks() {
+    const dim3 d = ::dspark::emulate::cluster_dims();
+    return d.x * d.y * d.z;
+  }
+  static dim3 dim_threads() {
+    const dim3 d = ::dspark::emulate::cluster_dims();
+    const dim3 b = ::dspark::emulate::this_thread().block_dim;
+    return dim3(d.x * b.x, d.y * b.y, d.z * b.z);
+  }
+  static unsigned int num_threads() { return num_blocks() * threads_per_block(); }
+  static unsigned int size() { return num_threads(); }
+};
+
+inline cluster_group this_cluster() { return cluster_group(); }
 
 }  // namespace cooperative_groups

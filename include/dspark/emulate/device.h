@@ -42,6 +42,13 @@
 //  * otherwise: a static variable in one ELF section, which the runtime fills with garbage
 //    (0xFF bytes: NaN, -1) at the start of every block, like the uninitialised shared memory
 //    of a GPU (blocks run one after another, so each sees the section as its own).
+// Either way there is one copy per block worker, not per block: the blocks of a thread-block
+// cluster, which run together, would share it. A kernel launched with clusters of more than
+// one block (launch_cluster) must not use static __shared__ variables, nor call functions
+// that do: its shared memory is dynamic shared memory (DSPARK_DYNAMIC_SHARED in
+// dspark/cluster.cuh), one per block, which map_shared_rank reaches across the cluster. The
+// runtime reports a write to static __shared__ memory in such a launch as an Error (under
+// ThreadSanitizer the blocks' accesses to the one copy usually show up as data races).
 #undef __shared__
 #if defined(__SANITIZE_THREAD__)
 #define __shared__ static thread_local
@@ -75,6 +82,20 @@
 #define __all_sync(mask, predicate) \
   (::dspark::emulate::ballot(DSPARK_EMULATE_HERE, "__all_sync", mask, !(predicate)) == 0u)
 #define __match_any_sync(mask, value) ::dspark::emulate::match_any(DSPARK_EMULATE_HERE, mask, value)
+// redux.sync (sm_80): the lanes of mask get the sum/min/max (unsigned or int, CUDA's two
+// overloads) or the bitwise and/or/xor (unsigned) of their values.
+#define __reduce_add_sync(...) \
+  ::dspark::emulate::reduce_sync(DSPARK_EMULATE_HERE, ::dspark::emulate::ReduceOp::kAdd, __VA_ARGS__)
+#define __reduce_min_sync(...) \
+  ::dspark::emulate::reduce_sync(DSPARK_EMULATE_HERE, ::dspark::emulate::ReduceOp::kMin, __VA_ARGS__)
+#define __reduce_max_sync(...) \
+  ::dspark::emulate::reduce_sync(DSPARK_EMULATE_HERE, ::dspark::emulate::ReduceOp::kMax, __VA_ARGS__)
+#define __reduce_and_sync(...) \
+  ::dspark::emulate::reduce_bits_sync(DSPARK_EMULATE_HERE, ::dspark::emulate::ReduceOp::kAnd, __VA_ARGS__)
+#define __reduce_or_sync(...) \
+  ::dspark::emulate::reduce_bits_sync(DSPARK_EMULATE_HERE, ::dspark::emulate::ReduceOp::kOr, __VA_ARGS__)
+#define __reduce_xor_sync(...) \
+  ::dspark::emulate::reduce_bits_sync(DSPARK_EMULATE_HERE, ::dspark::emulate::ReduceOp::kXor, __VA_ARGS__)
 
 namespace dspark::emulate {
 
@@ -148,6 +169,52 @@ unsigned match_any(Location where, unsigned mask, T value) {
   return bits;
 }
 
+enum class ReduceOp { kAdd, kMin, kMax, kAnd, kOr, kXor };
+
+// redux.sync: every lane of mask gets op over the values of the lanes of mask. Lanes of
+// disjoint masks may reduce at the same place at the same time (each group its own
+// meeting, as after __match_any_sync). The sum wraps modulo 2^32, as on a GPU.
+template <typename T>
+T reduce_lanes(Location where, ReduceOp op, unsigned mask, T value) {
+  static_assert(std::is_same_v<T, unsigned> || std::is_same_v<T, int>);
+  const char* what = op == ReduceOp::kAdd   ? "__reduce_add_sync"
+                     : op == ReduceOp::kMin ? "__reduce_min_sync"
+                     : op == ReduceOp::kMax ? "__reduce_max_sync"
+                     : op == ReduceOp::kAnd ? "__reduce_and_sync"
+                     : op == ReduceOp::kOr  ? "__reduce_or_sync"
+                                            : "__reduce_xor_sync";
+  check_member(mask, what, where);
+  T all[32];
+  warp_exchange(what, mask, &value, sizeof(T), all, /*orders_memory=*/false, where);
+  T result = value;    // min, max, and, or: the caller's value is one of the operands
+  unsigned wrapped = 0;  // add, xor: in unsigned arithmetic (an int sum may wrap)
+  for (int lane = 0; lane < 32; ++lane) {
+    if (((mask >> lane) & 1u) == 0u) continue;
+    const T x = all[lane];
+    switch (op) {
+      case ReduceOp::kAdd: wrapped += static_cast<unsigned>(x); break;
+      case ReduceOp::kXor: wrapped ^= static_cast<unsigned>(x); break;
+      case ReduceOp::kMin: result = x < result ? x : result; break;
+      case ReduceOp::kMax: result = result < x ? x : result; break;
+      case ReduceOp::kAnd: result &= x; break;
+      case ReduceOp::kOr: result |= x; break;
+    }
+  }
+  return op == ReduceOp::kAdd || op == ReduceOp::kXor ? static_cast<T>(wrapped) : result;
+}
+
+// CUDA's overloads: unsigned and int for add/min/max (another integer type converts as it
+// would there, or is ambiguous as there), unsigned only for and/or/xor.
+inline unsigned reduce_sync(Location where, ReduceOp op, unsigned mask, unsigned value) {
+  return reduce_lanes<unsigned>(where, op, mask, value);
+}
+inline int reduce_sync(Location where, ReduceOp op, unsigned mask, int value) {
+  return reduce_lanes<int>(where, op, mask, value);
+}
+inline unsigned reduce_bits_sync(Location where, ReduceOp op, unsigned mask, unsigned value) {
+  return reduce_lanes<unsigned>(where, op, mask, value);
+}
+
 // Runs kernel(args...) on grid x block, converting the arguments to the kernel's parameter
 // types as a <<<grid, block>>> launch does. No dynamic shared memory, no streams: the
 // launch is synchronous. Throws Error.
@@ -156,6 +223,19 @@ void launch(const char* kernel_name, void (*kernel)(Params...), dim3 grid, dim3 
   static_assert(sizeof...(Params) == sizeof...(Args), "wrong number of kernel arguments");
   const std::tuple<std::decay_t<Params>...> params(std::forward<Args>(args)...);
   run_kernel(kernel_name, grid, block, [&] { std::apply(kernel, params); });
+}
+
+// The same in thread-block clusters of shape `cluster` with dynamic_shared_bytes of dynamic
+// shared memory a block: cudaLaunchKernelEx with cudaLaunchAttributeClusterDimension (or a
+// <<<grid, block, bytes>>> launch, with cluster (1,1,1)). runtime.h has the rules; CUDA's
+// launch errors (grid not a multiple of the cluster, more than 8 blocks a cluster, more
+// than 227 KiB) are Errors.
+template <typename... Params, typename... Args>
+void launch_cluster(const char* kernel_name, void (*kernel)(Params...), dim3 grid, dim3 block, dim3 cluster,
+                    std::size_t dynamic_shared_bytes, Args&&... args) {
+  static_assert(sizeof...(Params) == sizeof...(Args), "wrong number of kernel arguments");
+  const std::tuple<std::decay_t<Params>...> params(std::forward<Args>(args)...);
+  run_kernel(kernel_name, grid, block, cluster, dynamic_shared_bytes, [&] { std::apply(kernel, params); });
 }
 
 }  // namespace dspark::emulate
@@ -276,6 +356,7 @@ inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 
 inline void __threadfence() {}
 inline void __threadfence_block() {}
+inline void __threadfence_cluster() {}
 
 // CUDA's min/max overloads of device code, for any pair of arithmetic types (floats as
 // fminf/fmaxf: a NaN operand loses).
