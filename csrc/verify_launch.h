@@ -2,7 +2,10 @@
 // CUDA emulation (csrc/emulate/verify.cpp): argument checks, outputs and workspace, the
 // kernel parameters, dtype dispatch and the two launches of include/dspark/verify.cuh.
 // `launch(name, kernel, grid, block, args...)` runs one kernel: <<<grid, block, 0, stream>>>
-// on a GPU, dspark::emulate::launch in the emulation. Include after the kernel's toolchain
+// on a GPU, dspark::emulate::launch in the emulation; `launch.cluster(name, kernel, grid,
+// block, cluster, dynamic_shared_bytes, args...)` runs one in thread-block clusters, and
+// `launch.cluster_shared_limit(kernel)` is the dynamic shared memory a block of it may have
+// (0: no clusters for it here). Include after the kernel's toolchain
 // (CUDA or dspark/emulate/device.h).
 #pragma once
 
@@ -12,18 +15,30 @@
 namespace dspark {
 
 template <typename T, typename Launch>
-void launch_verify_kernels(const T* target, const std::optional<at::Tensor>& draft_logits, const VerifyParams& params,
+void launch_verify_kernels(const T* target, const std::optional<at::Tensor>& draft_logits, VerifyParams params,
                            Launch&& launch) {
   const unsigned batch = static_cast<unsigned>(params.batch), slices = static_cast<unsigned>(params.slices);
-  const dim3 slice_grid(batch, slices, static_cast<unsigned>(params.max_draft + 1));
+  const unsigned rows = static_cast<unsigned>(params.max_draft + 1);
+  const dim3 slice_grid(batch, slices, rows);
   const dim3 finish_grid(batch, slices);
   const dim3 block(kVerifyThreads);
+  // Top-k/top-p rows go to the cluster kernel where the device runs it and a row fits on chip.
+  const bool filters = params.top_k != nullptr || params.top_p != nullptr;
+  const size_t filter_bytes = filter_shared_bytes<T>(params.vocab);
+  params.filter_in_cluster = filters && filter_bytes <= launch.cluster_shared_limit(verify_filter_kernel<T>);
+  const auto filter = [&] {
+    if (params.filter_in_cluster)
+      launch.cluster("verify_filter_kernel", verify_filter_kernel<T>, dim3(batch * kFilterCluster, rows), block,
+                     dim3(kFilterCluster), filter_bytes, target, params);
+  };
   if (draft_logits.has_value()) {
     const T* draft = reinterpret_cast<const T*>(draft_logits->data_ptr());
     launch("verify_slices_kernel", verify_slices_kernel<T, true>, slice_grid, block, target, draft, params);
+    filter();
     launch("verify_finish_kernel", verify_finish_kernel<T, true>, finish_grid, block, target, draft, params);
   } else {
     launch("verify_slices_kernel", verify_slices_kernel<T, false>, slice_grid, block, target, nullptr, params);
+    filter();
     launch("verify_finish_kernel", verify_finish_kernel<T, false>, finish_grid, block, target, nullptr, params);
   }
 }
@@ -36,8 +51,8 @@ std::tuple<at::Tensor, at::Tensor> run_verify_on_device(
     const std::optional<at::Tensor>& top_p, Launch&& launch) {
   const VerifyShape shape = check_verify_args(target_logits, target_offset, draft_tokens, draft_logits, num_draft,
                                               temperature, seed, offset, top_k, top_p);
-  TORCH_CHECK(shape.batch < (int64_t{1} << 31), "verify: batch size must be below 2^31");
   TORCH_CHECK(shape.max_draft + 1 <= 65535, "verify: draft_tokens K must be below 65535 on CUDA");
+  TORCH_CHECK(shape.batch * kFilterCluster < (int64_t{1} << 31), "verify: batch size must be below 2^28 on CUDA");
   const int64_t slices = (shape.vocab + kVerifySlice - 1) / kVerifySlice;
   TORCH_CHECK(slices <= 65535, "verify: vocabulary size ", shape.vocab, " is above the CUDA limit ",
               int64_t{65535} * kVerifySlice);
@@ -72,6 +87,7 @@ std::tuple<at::Tensor, at::Tensor> run_verify_on_device(
   params.vocab = shape.vocab;
   params.rows = shape.rows;
   params.target_stride = target_logits.stride(0);
+  params.filter_in_cluster = 0;  // decided per dtype by launch_verify_kernels
 
   const void* target = target_logits.data_ptr();
   switch (target_logits.scalar_type()) {

@@ -10,6 +10,52 @@
 namespace dspark {
 namespace {
 
+// The launches of csrc/verify_launch.h on the current stream.
+struct CudaLaunch {
+  cudaStream_t stream;
+
+  template <typename Kernel, typename... Args>
+  void operator()(const char*, Kernel kernel, dim3 grid, dim3 block, Args... args) const {
+    kernel<<<grid, block, 0, stream>>>(args...);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  // Dynamic shared memory a block of `kernel` may have in a cluster launch: 0 where the
+  // device has no clusters or the kernel was not compiled for sm_90 or later (PTX of an
+  // older architecture, JIT-compiled here, would trap).
+  template <typename... Params>
+  size_t cluster_shared_limit(void (*kernel)(Params...)) const {
+    int device = 0, clusters = 0, optin = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&clusters, cudaDevAttrClusterLaunch, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    cudaFuncAttributes attributes{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+    if (!clusters || attributes.binaryVersion < 90) return 0;
+    return static_cast<size_t>(optin) - attributes.sharedSizeBytes;
+  }
+
+  template <typename... Params, typename... Args>
+  void cluster(const char*, void (*kernel)(Params...), dim3 grid, dim3 block, dim3 cluster_dim, size_t shared_bytes,
+               Args... args) const {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(shared_bytes)));
+    cudaLaunchAttribute attribute{};
+    attribute.id = cudaLaunchAttributeClusterDimension;
+    attribute.val.clusterDim.x = cluster_dim.x;
+    attribute.val.clusterDim.y = cluster_dim.y;
+    attribute.val.clusterDim.z = cluster_dim.z;
+    cudaLaunchConfig_t config{};
+    config.gridDim = grid;
+    config.blockDim = block;
+    config.dynamicSmemBytes = shared_bytes;
+    config.stream = stream;
+    config.attrs = &attribute;
+    config.numAttrs = 1;
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args...));
+  }
+};
+
 std::tuple<at::Tensor, at::Tensor> verify_cuda(const at::Tensor& target_logits, const at::Tensor& target_offset,
                                                const at::Tensor& draft_tokens,
                                                const std::optional<at::Tensor>& draft_logits,
@@ -18,13 +64,8 @@ std::tuple<at::Tensor, at::Tensor> verify_cuda(const at::Tensor& target_logits, 
                                                const std::optional<at::Tensor>& top_k,
                                                const std::optional<at::Tensor>& top_p) {
   const c10::cuda::CUDAGuard guard(target_logits.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  auto launch = [stream](const char*, auto kernel, dim3 grid, dim3 block, auto... args) {
-    kernel<<<grid, block, 0, stream>>>(args...);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  };
   return run_verify_on_device(target_logits, target_offset, draft_tokens, draft_logits, num_draft, temperature, seed,
-                              offset, top_k, top_p, launch);
+                              offset, top_k, top_p, CudaLaunch{c10::cuda::getCurrentCUDAStream()});
 }
 
 }  // namespace

@@ -5,6 +5,9 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include <cstdlib>
+#include <string>
+
 #include "dspark/emulate/device.h"
 // (device.h before the kernel headers)
 #include "../confidence_launch.h"
@@ -15,10 +18,28 @@ namespace dspark {
 namespace {
 
 // Runs a kernel in the emulation; its errors (deadlock, divergent barrier, ...) become
-// RuntimeErrors naming the kernel.
-auto emulated_launch = [](const char* name, auto kernel, dim3 grid, dim3 block, auto... args) {
-  emulate::launch(name, kernel, grid, block, args...);
+// RuntimeErrors naming the kernel. Cluster launches as on an sm_90 GPU (227 KiB of dynamic
+// shared memory a block); DSPARK_EMULATE_NO_CLUSTERS=1 makes the device one without
+// clusters, so that tests reach the kernels' fallback paths too.
+struct EmulatedLaunch {
+  template <typename Kernel, typename... Args>
+  void operator()(const char* name, Kernel kernel, dim3 grid, dim3 block, Args... args) const {
+    emulate::launch(name, kernel, grid, block, args...);
+  }
+
+  template <typename Kernel>
+  size_t cluster_shared_limit(Kernel) const {
+    const char* off = std::getenv("DSPARK_EMULATE_NO_CLUSTERS");
+    return off != nullptr && std::string(off) == "1" ? 0 : size_t{227} * 1024;
+  }
+
+  template <typename Kernel, typename... Args>
+  void cluster(const char* name, Kernel kernel, dim3 grid, dim3 block, dim3 cluster_dim, size_t shared_bytes,
+               Args... args) const {
+    emulate::launch_cluster(name, kernel, grid, block, cluster_dim, shared_bytes, args...);
+  }
 };
+constexpr EmulatedLaunch emulated_launch{};
 
 std::tuple<at::Tensor, at::Tensor> verify_emulated(const at::Tensor& target_logits, const at::Tensor& target_offset,
                                                    const at::Tensor& draft_tokens,

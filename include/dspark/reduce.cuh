@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "dspark/math.h"
 
@@ -32,6 +33,18 @@ __device__ __forceinline__ void load_chunk(const T* row, int64_t chunk, int64_t 
   constexpr int kVec = RowChunks<T>::kVec;
   if (vector_load) {
     const uint4 raw = __ldg(reinterpret_cast<const uint4*>(row) + chunk);
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      // bf16 is the high half of a float: the low element of a word is the word shifted
+      // left, the high one the word masked, one instruction each (the generic path below
+      // extracts the high half first, two instructions).
+      const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        out[2 * w] = __uint_as_float(words[w] << 16);
+        out[2 * w + 1] = __uint_as_float(words[w] & 0xFFFF0000u);
+      }
+      return;
+    }
     // The 16 loaded bytes as kVec values of T: a copy, not a T* into `raw`, which would
     // read a uint4 object through another type (undefined; g++ -O2 then drops the load).
     T values[kVec];
@@ -96,12 +109,11 @@ __device__ __forceinline__ T warp_allreduce(T value) {
 }
 
 // The first step of both block reductions: each warp reduces by shuffles and its lane 0
-// publishes the result; returns the kThreads / 32 partials (shared memory), readable
-// by every thread until the next call.
+// publishes the result into `partial` (kThreads / 32 entries of shared memory), readable
+// by every thread until the next call with the same `partial`.
 template <int kThreads, typename T, typename Combine>
-__device__ __forceinline__ const T* warp_partials(T value, Combine&& combine_fn) {
+__device__ __forceinline__ const T* warp_partials(T value, Combine&& combine_fn, T* partial) {
   static_assert(kThreads % 32 == 0 && kThreads <= 1024, "block size must be a multiple of 32");
-  __shared__ T partial[kThreads / 32];
   value = warp_allreduce(value, combine_fn);
   __syncthreads();  // partial[] may still be read by a previous call
   if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = value;
@@ -110,14 +122,22 @@ __device__ __forceinline__ const T* warp_partials(T value, Combine&& combine_fn)
 }
 
 // Reduction over the block, result in every thread. The combination order is fixed by
-// the thread layout, so the result is the same run after run. kThreads is the block size.
+// the thread layout, so the result is the same run after run. kThreads is the block size;
+// `scratch` is kThreads / 32 entries of shared memory (a kernel launched in clusters has
+// no static __shared__, see verify_filter_kernel).
 template <int kThreads, typename T, typename Combine>
-__device__ __forceinline__ T block_allreduce(T value, Combine&& combine_fn) {
-  const T* partial = warp_partials<kThreads>(value, combine_fn);
+__device__ __forceinline__ T block_allreduce(T value, Combine&& combine_fn, T* scratch) {
+  const T* partial = warp_partials<kThreads>(value, combine_fn, scratch);
   T total = partial[0];
 #pragma unroll
   for (int w = 1; w < kThreads / 32; ++w) total = combine_fn(total, partial[w]);
   return total;
+}
+
+template <int kThreads, typename T, typename Combine>
+__device__ __forceinline__ T block_allreduce(T value, Combine&& combine_fn) {
+  __shared__ T partial[kThreads / 32];
+  return block_allreduce<kThreads>(value, combine_fn, partial);
 }
 
 // Reduction over the block with the result in thread 0 only: warp 0 reduces the warps'
@@ -127,7 +147,8 @@ template <int kThreads, typename T, typename Combine>
 __device__ __forceinline__ T block_reduce(T value, Combine&& combine_fn) {
   constexpr int kWarps = kThreads / 32;
   static_assert((kWarps & (kWarps - 1)) == 0, "block size must be a power-of-two number of warps");
-  const T* partial = warp_partials<kThreads>(value, combine_fn);
+  __shared__ T scratch[kWarps];
+  const T* partial = warp_partials<kThreads>(value, combine_fn, scratch);
   if (threadIdx.x < 32) {
     value = partial[threadIdx.x % kWarps];
 #pragma unroll

@@ -2,13 +2,17 @@
 //
 // Rows are cut into slices of kVerifySlice elements, a size that does not depend on the
 // batch (so a request's arithmetic is the same at every B: batch invariance), and every
-// slice is a block, so that B = 1 fills the GPU as well as B = 256. Two launches, no host
-// synchronisation:
+// slice is a block, so that B = 1 fills the GPU as well as B = 256. Two launches (three
+// with top-k/top-p), no host synchronisation:
 //  1. verify_slices_kernel, grid (B, slices, K+1): the block of (b, slice, j <= L_b) loads
 //     its slice of target row j (and of draft row j < L_b) into registers and reduces it
 //     to one VerifyPartial: the slice max and base-2 mass, and for the bonus row the race
-//     winner; greedy rows the argmax. A top-k/top-p row is handled whole by its slice-0
-//     block (radix select of the threshold); its other slices report nothing.
+//     winner; greedy rows the argmax. Top-k/top-p target rows are left to
+//  1b. verify_filter_kernel (sm_90, launched only when top_k or top_p is given): one
+//     thread-block cluster per row holds the row in shared memory, so the radix select of
+//     the threshold reads it from memory once; it writes the row's result as its slice-0
+//     partial. Where clusters are unavailable (or the row does not fit on chip), kernel 1's
+//     slice-0 block handles such a row whole, reading it once per radix pass.
 //  2. verify_finish_kernel, grid (B, slices): every block merges its request's partials in
 //     a fixed order (a few hundred bytes from L2), decides the acceptances and finds the
 //     first rejection; if there is one, each block races over its slice of the rejected
@@ -23,6 +27,7 @@
 
 #include <cstdint>
 
+#include "dspark/cluster.cuh"
 #include "dspark/math.h"
 #include "dspark/reduce.cuh"
 
@@ -70,6 +75,7 @@ struct VerifyParams {
   int64_t rows;                  // Nt
   int64_t target_stride;         // elements between target rows
   int32_t slices;                // ceil(V / kVerifySlice)
+  int32_t filter_in_cluster;     // top-k/top-p target rows: verify_filter_kernel (else slice 0 of kernel 1)
 };
 
 // The CUDA kernel cannot raise without a host synchronisation, so a request whose
@@ -110,8 +116,71 @@ __device__ __forceinline__ int mass_scale_exponent(int64_t vocab) {
   return 63 - (64 - __clzll(static_cast<long long>(vocab)));
 }
 
-__device__ __forceinline__ unsigned long long fixed_mass(float x, float row_max, float exp2_scale_, int scale) {
-  return __float2ull_rn(ldexpf(fast_exp2((x - row_max) * exp2_scale_), scale));
+// round(exp2((x - max) s) 2^scale), with unit = 2^scale as a float (an exact scaling).
+__device__ __forceinline__ unsigned long long fixed_mass(float x, float row_max, float exp2_scale_, float unit) {
+  return __float2ull_rn(fast_exp2((x - row_max) * exp2_scale_) * unit);
+}
+
+// One level of the radix select, by warp 0 once st.count / st.mass hold the level's
+// histogram (digit (key >> shift) & 255 of the candidates): chooses the lowest digit that
+// still satisfies the limit and appends it to st.prefix (st.chosen = 256: none).
+__device__ __forceinline__ void radix_choose(RadixState& st, int shift, bool mass_mode, int64_t count_limit,
+                                             float mass_fraction, int scale) {
+  // Lane l owns digits 255-8l .. 248-8l (descending); scan lanes from the top.
+  const int lane = threadIdx.x;
+  uint32_t lane_count = 0;
+  unsigned long long lane_mass = 0;
+  for (int i = 0; i < 8; ++i) {
+    lane_count += st.count[255 - 8 * lane - i];
+    lane_mass += st.mass[255 - 8 * lane - i];
+  }
+  uint32_t incl_count = lane_count;
+  unsigned long long incl_mass = lane_mass;
+  for (int delta = 1; delta < 32; delta <<= 1) {
+    const uint32_t c = __shfl_up_sync(0xFFFFFFFFu, incl_count, delta);
+    const unsigned long long m = __shfl_up_sync(0xFFFFFFFFu, incl_mass, delta);
+    if (lane >= delta) {
+      incl_count += c;
+      incl_mass += m;
+    }
+  }
+  if (shift == 24) {
+    // The first level sees every candidate: their mass is the top-p reference.
+    const unsigned long long total = __shfl_sync(0xFFFFFFFFu, incl_mass, 31);
+    if (lane == 0) st.total_mass = total;
+  }
+  __syncwarp();
+  // The limit is rounded as the spec rounds it: float32 top_p times the float32 total.
+  const float mass_limit = mass_fraction * static_cast<float>(ldexp(static_cast<double>(st.total_mass), -scale));
+  uint32_t run_count = st.above_count + incl_count - lane_count;
+  unsigned long long run_mass = st.above_mass + incl_mass - lane_mass;
+  int candidate = 256;
+  uint32_t cand_count = 0;
+  unsigned long long cand_mass = 0;
+  for (int i = 0; i < 8; ++i) {
+    const int digit = 255 - 8 * lane - i;
+    if (st.count[digit] > 0) {
+      const bool ok = mass_mode ? (run_count == 0 ||
+                                   static_cast<float>(ldexp(static_cast<double>(run_mass), -scale)) < mass_limit)
+                                : (static_cast<int64_t>(run_count) < count_limit);
+      if (!ok) break;
+      candidate = digit;
+      cand_count = run_count;
+      cand_mass = run_mass;
+    }
+    run_count += st.count[digit];
+    run_mass += st.mass[digit];
+  }
+  // The lowest qualifying digit over all lanes (qualifying digits form a top range).
+  int best = candidate;
+  for (int mask = 16; mask > 0; mask >>= 1) best = min(best, __shfl_xor_sync(0xFFFFFFFFu, best, mask));
+  if (best < 256 && candidate == best) {
+    st.chosen = best;
+    st.above_count = cand_count;
+    st.above_mass = cand_mass;
+    st.prefix |= static_cast<uint32_t>(best) << shift;
+  }
+  if (best == 256 && lane == 0) st.chosen = 256;  // unreachable for a non-empty row
 }
 
 template <typename T>
@@ -140,66 +209,10 @@ __device__ float radix_threshold(const T* row, int64_t vocab, float exp2_scale_,
       // of the converged lanes instead of one per lane (warp-aggregated atomics).
       const cg::coalesced_group peers = cg::labeled_partition(cg::coalesced_threads(), digit);
       if (peers.thread_rank() == 0) atomicAdd(&st.count[digit], static_cast<uint32_t>(peers.size()));
-      if (mass_mode) atomicAdd(&st.mass[digit], fixed_mass(y, row_max, exp2_scale_, scale));
+      if (mass_mode) atomicAdd(&st.mass[digit], fixed_mass(y, row_max, exp2_scale_, ldexpf(1.f, scale)));
     });
     __syncthreads();
-    if (threadIdx.x < 32) {
-      // Lane l owns digits 255-8l .. 248-8l (descending); scan lanes from the top.
-      const int lane = threadIdx.x;
-      uint32_t lane_count = 0;
-      unsigned long long lane_mass = 0;
-      for (int i = 0; i < 8; ++i) {
-        lane_count += st.count[255 - 8 * lane - i];
-        lane_mass += st.mass[255 - 8 * lane - i];
-      }
-      uint32_t incl_count = lane_count;
-      unsigned long long incl_mass = lane_mass;
-      for (int delta = 1; delta < 32; delta <<= 1) {
-        const uint32_t c = __shfl_up_sync(0xFFFFFFFFu, incl_count, delta);
-        const unsigned long long m = __shfl_up_sync(0xFFFFFFFFu, incl_mass, delta);
-        if (lane >= delta) {
-          incl_count += c;
-          incl_mass += m;
-        }
-      }
-      if (shift == 24) {
-        // The first level sees every candidate: their mass is the top-p reference.
-        const unsigned long long total = __shfl_sync(0xFFFFFFFFu, incl_mass, 31);
-        if (lane == 0) st.total_mass = total;
-      }
-      __syncwarp();
-      // The limit is rounded as the spec rounds it: float32 top_p times the float32 total.
-      const float mass_limit = mass_fraction * static_cast<float>(ldexp(static_cast<double>(st.total_mass), -scale));
-      uint32_t run_count = st.above_count + incl_count - lane_count;
-      unsigned long long run_mass = st.above_mass + incl_mass - lane_mass;
-      int candidate = 256;
-      uint32_t cand_count = 0;
-      unsigned long long cand_mass = 0;
-      for (int i = 0; i < 8; ++i) {
-        const int digit = 255 - 8 * lane - i;
-        if (st.count[digit] > 0) {
-          const bool ok = mass_mode ? (run_count == 0 ||
-                                       static_cast<float>(ldexp(static_cast<double>(run_mass), -scale)) < mass_limit)
-                                    : (static_cast<int64_t>(run_count) < count_limit);
-          if (!ok) break;
-          candidate = digit;
-          cand_count = run_count;
-          cand_mass = run_mass;
-        }
-        run_count += st.count[digit];
-        run_mass += st.mass[digit];
-      }
-      // The lowest qualifying digit over all lanes (qualifying digits form a top range).
-      int best = candidate;
-      for (int mask = 16; mask > 0; mask >>= 1) best = min(best, __shfl_xor_sync(0xFFFFFFFFu, best, mask));
-      if (best < 256 && candidate == best) {
-        st.chosen = best;
-        st.above_count = cand_count;
-        st.above_mass = cand_mass;
-        st.prefix |= static_cast<uint32_t>(best) << shift;
-      }
-      if (best == 256 && lane == 0) st.chosen = 256;  // unreachable for a non-empty row
-    }
+    if (threadIdx.x < 32) radix_choose(st, shift, mass_mode, count_limit, mass_fraction, scale);
     __syncthreads();
     if (st.chosen == 256) break;  // unreachable for a non-empty row
   }
@@ -494,6 +507,316 @@ __device__ MassStats filtered_row(const T* row, int64_t vocab, float scale, int6
   return {row_max, kept_mass, best.key, static_cast<int32_t>(best.index)};
 }
 
+// ---------------------------------------------------------------- filtered rows, read once
+// verify_filter_kernel: a top-k/top-p target row is handled by one thread-block cluster of
+// kFilterCluster blocks (sm_90). Block r copies elements [r P, r P + P) of the row into its
+// shared memory (P = filter_portion(V)), so the row is read from memory once; the radix
+// select of the threshold then runs on chip: every pass builds per-warp 32-bit histograms of
+// the block's portion, each block adds them into its block histogram, and every block
+// sums the cluster's block histograms (distributed shared memory, integers: the sum is
+// exact in any order) and chooses the same digit. Last, each block sums the kept mass of
+// its portion and (bonus row) races over it; block 0 merges the blocks' results in rank
+// order and writes them as the row's slice-0 partial.
+constexpr int kFilterCluster = 8;
+constexpr int kFilterWarps = kVerifyThreads / 32;
+static_assert(kVerifyThreads == 256, "one histogram bin a thread");
+
+// Elements of a row a block of the cluster holds: a multiple of 8 (16 bytes of bf16/fp16,
+// 32 of float), so every block's portion starts 16-byte aligned in an aligned row.
+__host__ __device__ constexpr int64_t filter_portion(int64_t vocab) {
+  return ((vocab + kFilterCluster - 1) / kFilterCluster + 7) / 8 * 8;
+}
+
+struct FilterShared {
+  uint32_t warp_count[kFilterWarps][256];  // a pass's per-warp histograms
+  uint32_t warp_mass_low[kFilterWarps][256];  // fixed-point masses, 64 bits as two words
+  uint32_t warp_mass_high[kFilterWarps][256];
+  uint32_t block_count[2][256];  // the block's histogram of a pass, read by the cluster; two
+  unsigned long long block_mass[2][256];  // buffers, so that one cluster barrier a pass suffices
+  RadixState radix;  // the cluster's histogram and the selection (the same in every block)
+  uint32_t block_above;  // the block's candidates above the chosen prefix's bucket
+  uint32_t block_fits;   // they and the bucket's fit in the candidate list
+  uint32_t list_size;    // keys in the candidate list
+  MassStats result;  // the block's max, then its kept mass and race winner, read by block 0
+  float scratch_float[kFilterWarps];
+  ArgMax scratch_argmax[kFilterWarps];
+};
+
+// The candidate list of a block: once the radix select has narrowed the candidates to few,
+// the ordered keys of those with key >= the prefix chosen so far (the bucket and everything
+// above it, so a later top-p select over x >= the top-k threshold finds all of its
+// candidates there too) are written to shared memory during the next pass, and the passes
+// after it read the list instead of the portion. Capacity: a quarter of the portion.
+__host__ __device__ constexpr int64_t filter_list_capacity(int64_t vocab) { return filter_portion(vocab) / 4; }
+
+// Dynamic shared memory of verify_filter_kernel: FilterShared, the portion, the list.
+template <typename T>
+__host__ __device__ constexpr size_t filter_shared_bytes(int64_t vocab) {
+  return (sizeof(FilterShared) + 15) / 16 * 16 + static_cast<size_t>(filter_portion(vocab)) * sizeof(T) +
+         static_cast<size_t>(filter_list_capacity(vocab)) * sizeof(uint32_t);
+}
+
+// Where a pass reads its elements: the block's portion (size < 0) or its candidate list.
+template <typename T>
+struct FilterSource {
+  const T* data;
+  int n;          // elements of the portion
+  uint32_t* list;
+  int capacity;   // of the list
+  int size;       // keys in the list; -1 while there is none
+};
+
+// One radix level over the block's elements: the per-warp histograms of the digit
+// (key >> shift) & 255 of the candidates (x >= floor, key matching st.prefix above the
+// digit), with their fixed-point masses in mass mode. The lanes of a warp with the same
+// digit add once (match + redux), so a warp's bins take one atomic per distinct digit; the
+// 64-bit mass goes in as two 32-bit atomic adds, the carry of the low word into the high.
+// build: also appends the keys >= list_bound (x >= floor) to the list.
+template <bool kFromList, typename T>
+__device__ __forceinline__ void filter_histogram(const FilterSource<T>& source, FilterShared& sh, int shift,
+                                                 float floor, bool mass_mode, float row_max, float exp2_scale_,
+                                                 int scale, bool build, uint32_t list_bound) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int i = lane; i < 256; i += 32) {
+    sh.warp_count[warp][i] = 0;
+    sh.warp_mass_low[warp][i] = 0;
+    sh.warp_mass_high[warp][i] = 0;
+  }
+  __syncwarp();
+  // Candidates: x >= floor and x > -inf (x is sanitized: x >= -FLT_MAX), key bits above the
+  // digit equal to the prefix chosen so far.
+  const float lowest = fmaxf(floor, -FLT_MAX);
+  const uint32_t high_mask = shift == 24 ? 0u : ~0u << (shift + 8);
+  const uint32_t high_prefix = sh.radix.prefix & high_mask;
+  const float unit = ldexpf(1.f, scale);
+  const int n = kFromList ? source.size : source.n;
+#pragma unroll 2
+  for (int base = 0; base < n; base += kVerifyThreads) {  // uniform trip count: the block's n
+    const int i = base + static_cast<int>(threadIdx.x);
+    float y;
+    uint32_t key;
+    if constexpr (kFromList) {
+      key = i < n ? source.list[i] : 0u;  // key 0 is below -inf's: never a candidate
+      y = key_to_float(key);
+    } else {
+      y = i < n ? sanitize_logit(to_float(source.data[i])) : -INFINITY;
+      key = ordered_key(y);
+    }
+    const bool eligible = y >= lowest;
+    const bool candidate = eligible && (key & high_mask) == high_prefix;
+    const int digit = candidate ? static_cast<int>((key >> shift) & 0xFF) : 256;
+    const unsigned peers = __match_any_sync(0xFFFFFFFFu, digit);
+    const bool leader = (peers & ((1u << lane) - 1u)) == 0u;
+    if (mass_mode) {
+      // Exact group sum of masses < 2^63 in total (mass_scale_exponent): three 21-bit limbs.
+      const unsigned long long m = candidate ? fixed_mass(y, row_max, exp2_scale_, unit) : 0ull;
+      const unsigned long long s0 = __reduce_add_sync(peers, static_cast<unsigned>(m & 0x1FFFFFu));
+      const unsigned long long s1 = __reduce_add_sync(peers, static_cast<unsigned>((m >> 21) & 0x1FFFFFu));
+      const unsigned long long s2 = __reduce_add_sync(peers, static_cast<unsigned>(m >> 42));
+      if (candidate && leader) {
+        const unsigned long long sum = s0 + (s1 << 21) + (s2 << 42);
+        const uint32_t low = static_cast<uint32_t>(sum);
+        const uint32_t old = atomicAdd(&sh.warp_mass_low[warp][digit], low);
+        const uint32_t carry = static_cast<uint32_t>(old + low < old);
+        atomicAdd(&sh.warp_mass_high[warp][digit], static_cast<uint32_t>(sum >> 32) + carry);
+      }
+    }
+    if (candidate && leader) atomicAdd(&sh.warp_count[warp][digit], static_cast<uint32_t>(__popc(peers)));
+    if (!kFromList && build) {  // uniform
+      const bool keep = eligible && key >= list_bound;
+      const unsigned keepers = __ballot_sync(0xFFFFFFFFu, keep);
+      if (keepers != 0u) {
+        const int first = __ffs(static_cast<int>(keepers)) - 1;
+        uint32_t slot = 0;
+        if (lane == first) slot = atomicAdd(&sh.list_size, static_cast<uint32_t>(__popc(keepers)));
+        slot = __shfl_sync(0xFFFFFFFFu, slot, first) + __popc(keepers & ((1u << lane) - 1u));
+        if (keep) source.list[slot] = key;  // slot < capacity: counted before (block_fits)
+      }
+    }
+  }
+}
+
+// The radix select of filtered_row's radix_threshold, over the cluster's portions (and
+// candidate lists, once built).
+template <typename T>
+__device__ float filter_threshold(FilterSource<T>& source, FilterShared& sh, float exp2_scale_, float row_max,
+                                  float floor, bool mass_mode, int64_t count_limit, float mass_fraction,
+                                  int64_t vocab) {
+  cg::cluster_group cluster = cg::this_cluster();
+  const int scale = mass_scale_exponent(vocab);
+  RadixState& st = sh.radix;
+  if (threadIdx.x == 0) {
+    st.prefix = 0;
+    st.above_count = 0;
+    st.above_mass = 0;
+    sh.block_above = 0;
+    sh.block_fits = 0;
+    sh.list_size = 0;
+  }
+  __syncthreads();
+  int buffer = 0;
+  for (int shift = 24; shift >= 0; shift -= 8, buffer ^= 1) {
+    // The list is built in the pass after the one whose candidates (and those above) fit.
+    const bool build = source.size < 0 && sh.block_fits;
+    const uint32_t list_bound = st.prefix;  // the chosen digits, lower bits 0
+    if (source.size >= 0)
+      filter_histogram<true>(source, sh, shift, floor, mass_mode, row_max, exp2_scale_, scale, false, 0u);
+    else
+      filter_histogram<false>(source, sh, shift, floor, mass_mode, row_max, exp2_scale_, scale, build, list_bound);
+    __syncthreads();
+    if (build) source.size = static_cast<int>(sh.list_size);
+    const int bin = threadIdx.x;
+    uint32_t count = 0;
+    unsigned long long mass = 0;
+#pragma unroll
+    for (int w = 0; w < kFilterWarps; ++w) {
+      count += sh.warp_count[w][bin];
+      mass += static_cast<unsigned long long>(sh.warp_mass_high[w][bin]) << 32 | sh.warp_mass_low[w][bin];
+    }
+    sh.block_count[buffer][bin] = count;
+    sh.block_mass[buffer][bin] = mass;
+    cluster.sync();  // every block's histogram is complete (and the previous level's reads done)
+    count = 0;
+    mass = 0;
+    for (unsigned r = 0; r < kFilterCluster; ++r) {
+      count += cluster.map_shared_rank(&sh.block_count[buffer][0], r)[bin];
+      mass += cluster.map_shared_rank(&sh.block_mass[buffer][0], r)[bin];
+    }
+    st.count[bin] = count;
+    st.mass[bin] = mass;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+      radix_choose(st, shift, mass_mode, count_limit, mass_fraction, scale);
+      __syncwarp();
+      if (source.size < 0 && st.chosen < 256) {
+        // This block's candidates above the chosen bucket, and whether they and the
+        // bucket's would fit in the list (the keys >= the new prefix).
+        uint32_t above = 0;
+        for (int d = st.chosen + 1 + threadIdx.x; d < 256; d += 32) above += sh.block_count[buffer][d];
+        for (int mask = 16; mask > 0; mask >>= 1) above += __shfl_xor_sync(0xFFFFFFFFu, above, mask);
+        if (threadIdx.x == 0) {
+          sh.block_above += above;
+          sh.block_fits =
+              sh.block_above + sh.block_count[buffer][st.chosen] <= static_cast<uint32_t>(source.capacity);
+        }
+      }
+    }
+    __syncthreads();
+    if (st.chosen == 256) break;  // unreachable for a non-empty row; the same in every block
+  }
+  const float threshold = st.chosen == 256 ? -INFINITY : key_to_float(st.prefix);
+  __syncthreads();  // every thread has read st before a later call resets it
+  return threshold;
+}
+
+// Grid (kFilterCluster * B, K + 1), clusters of kFilterCluster blocks along x: the cluster
+// of (b, j) handles target row j of request b if b samples with top-k or top-p. Launched
+// after verify_slices_kernel, which leaves these rows' target fields empty.
+template <typename T>
+__global__ void __launch_bounds__(kVerifyThreads) verify_filter_kernel(const T* __restrict__ target_logits,
+                                                                    VerifyParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  __trap();  // the host launches it only on devices with clusters
+#else
+  cg::cluster_group cluster = cg::this_cluster();
+  const unsigned rank = cluster.block_rank();
+  const int64_t b = blockIdx.x / kFilterCluster;
+  const int64_t j = blockIdx.y;
+  // Every condition below is the same for the whole cluster, which returns together.
+  const int64_t length = p.num_draft[b];
+  if (j > length || !request_is_valid(p, b)) return;
+  const float temperature = sanitize_temperature(p.temperature[b]);
+  if (!(temperature > 0.f)) return;
+  const int64_t top_k = p.top_k ? p.top_k[b] : 0;
+  const float top_p = p.top_p ? p.top_p[b] : 1.f;
+  const bool k_on = top_k > 0 && top_k < p.vocab;
+  if (!k_on && !(top_p < 1.f)) return;
+
+  DSPARK_DYNAMIC_SHARED(unsigned char, shared_bytes);
+  FilterShared& sh = *reinterpret_cast<FilterShared*>(shared_bytes);
+  T* data = reinterpret_cast<T*>(shared_bytes + (sizeof(FilterShared) + 15) / 16 * 16);
+  const int64_t portion = filter_portion(p.vocab);
+  const int64_t start = static_cast<int64_t>(rank) * portion;
+  const int n = static_cast<int>(max(int64_t{0}, min(portion, p.vocab - start)));
+  FilterSource<T> source{data, n, reinterpret_cast<uint32_t*>(data + portion),
+                         static_cast<int>(filter_list_capacity(p.vocab)), -1};
+  const T* row = target_logits + (p.target_offset[b] + j) * p.target_stride + start;
+
+  // The portion into shared memory, 16 bytes at a time where the row allows, and its max.
+  constexpr int kVec = RowChunks<T>::kVec;
+  float thread_max = -INFINITY;
+  const int chunks = is_aligned16(row) ? n / kVec : 0;
+#pragma unroll 4
+  for (int c = threadIdx.x; c < chunks; c += kVerifyThreads) {
+    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(row) + c);
+    reinterpret_cast<uint4*>(data)[c] = raw;
+    T values[kVec];
+    memcpy(static_cast<void*>(values), &raw, sizeof(raw));
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) thread_max = fmaxf(thread_max, sanitize_logit(to_float(values[e])));
+  }
+  for (int i = chunks * kVec + threadIdx.x; i < n; i += kVerifyThreads) {
+    data[i] = row[i];
+    thread_max = fmaxf(thread_max, sanitize_logit(to_float(row[i])));
+  }
+  const auto max_of = [](float a, float c) { return fmaxf(a, c); };
+  const float block_max = block_allreduce<kVerifyThreads>(thread_max, max_of, sh.scratch_float);
+  if (threadIdx.x == 0) sh.result.max = block_max;
+  cluster.sync();  // the blocks' maxima (and the portions: block barrier included)
+  float row_max = -INFINITY;
+  for (unsigned r = 0; r < kFilterCluster; ++r) row_max = fmaxf(row_max, cluster.map_shared_rank(&sh.result, r)->max);
+
+  float threshold = -INFINITY;
+  const float scale = exp2_scale(temperature);
+  const bool bonus = j == length;
+  MassStats mine{row_max, 0.f, 0.f, -1};
+  if (row_max != -INFINITY) {
+    if (k_on) threshold = filter_threshold(source, sh, scale, row_max, -INFINITY, false, top_k, 0.f, p.vocab);
+    if (top_p < 1.f) threshold = filter_threshold(source, sh, scale, row_max, threshold, true, 0, top_p, p.vocab);
+    // The kept mass and, for the bonus row, the race among the kept tokens.
+    float kept_mass = 0.f;
+    ArgMax best{0.f, -1};
+    RandomRow random(static_cast<uint64_t>(p.seed[b]), kStreamResample, static_cast<uint32_t>(length),
+                     static_cast<uint64_t>(p.offset[b]));
+    for (int first = 4 * threadIdx.x; first < n; first += 4 * kVerifyThreads) {  // one Philox call per 4
+      for (int i = first; i < min(first + 4, n); ++i) {
+        const float x = sanitize_logit(to_float(data[i]));
+        if (x == -INFINITY || x < threshold) continue;
+        const float w = fast_exp2((x - row_max) * scale);
+        kept_mass += w;
+        if (bonus) {
+          const int64_t v = start + i;
+          const float key = fast_divide(w, exponential2_fast(random.word(v)));
+          if (key > best.key) best = {key, v};
+        }
+      }
+    }
+    kept_mass = block_allreduce<kVerifyThreads>(kept_mass, [](float a, float c) { return a + c; }, sh.scratch_float);
+    best = block_allreduce<kVerifyThreads>(best, [](ArgMax a, ArgMax c) { return merge(a, c); }, sh.scratch_argmax);
+    mine = {row_max, kept_mass, best.key, static_cast<int32_t>(best.index)};
+  }
+  cluster.sync();  // every block has read the others' maxima before result is overwritten
+  if (threadIdx.x == 0) sh.result = mine;
+  cluster.sync();  // the blocks' results
+  if (rank == 0 && threadIdx.x == 0) {
+    float kept_mass = 0.f;
+    ArgMax best{0.f, -1};
+    for (unsigned r = 0; r < kFilterCluster; ++r) {  // rank order: the same sum at every B
+      const MassStats q = *cluster.map_shared_rank(&sh.result, r);
+      kept_mass += q.sum;
+      best = merge(best, ArgMax{q.key, q.index});
+    }
+    VerifyPartial& out = p.partials[(b * (p.max_draft + 1) + j) * p.slices];
+    out.target_max = row_max;
+    out.target_sum = kept_mass;
+    out.key = best.key;
+    out.index = static_cast<int32_t>(best.index);
+    out.threshold = threshold;
+  }
+  cluster.sync();  // block 0 has read every block's result before any exits
+#endif
+}
+
 // ---------------------------------------------------------------- kernel 1: slices
 template <typename T, bool kHasDraft>
 __global__ void __launch_bounds__(kVerifyThreads) verify_slices_kernel(const T* __restrict__ target_logits,
@@ -528,7 +851,7 @@ __global__ void __launch_bounds__(kVerifyThreads) verify_slices_kernel(const T* 
     const uint64_t round_offset = static_cast<uint64_t>(p.offset[b]);
     MassStats t{-INFINITY, 0.f, 0.f, -1};
     if (filtered) {
-      if (slice == 0)
+      if (slice == 0 && !p.filter_in_cluster)
         t = filtered_row(target_row, p.vocab, scale, top_k, top_p, bonus, seed, static_cast<uint32_t>(length),
                          round_offset, out.threshold);
     } else {
