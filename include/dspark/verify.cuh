@@ -569,8 +569,9 @@ struct FilterSource {
 // One radix level over the block's elements: the per-warp histograms of the digit
 // (key >> shift) & 255 of the candidates (x >= floor, key matching st.prefix above the
 // digit), with their fixed-point masses in mass mode. The lanes of a warp with the same
-// digit add once (match + redux), so a warp's bins take one atomic per distinct digit; the
-// 64-bit mass goes in as two 32-bit atomic adds, the carry of the low word into the high.
+// digit count once (match), so a warp's count bins take one atomic per distinct digit;
+// a 64-bit mass goes in as two 32-bit atomic adds (native on sm_90, where 64-bit shared
+// atomic adds are compare-and-swap loops), the carry of the low word into the high.
 // build: also appends the keys >= list_bound (x >= floor) to the list.
 template <bool kFromList, typename T>
 __device__ __forceinline__ void filter_histogram(const FilterSource<T>& source, FilterShared& sh, int shift,
@@ -607,21 +608,17 @@ __device__ __forceinline__ void filter_histogram(const FilterSource<T>& source, 
     const int digit = candidate ? static_cast<int>((key >> shift) & 0xFF) : 256;
     const unsigned peers = __match_any_sync(0xFFFFFFFFu, digit);
     const bool leader = (peers & ((1u << lane) - 1u)) == 0u;
-    if (mass_mode) {
-      // Exact group sum of masses < 2^63 in total (mass_scale_exponent): three 21-bit limbs.
-      const unsigned long long m = candidate ? fixed_mass(y, row_max, exp2_scale_, unit) : 0ull;
-      const unsigned long long s0 = __reduce_add_sync(peers, static_cast<unsigned>(m & 0x1FFFFFu));
-      const unsigned long long s1 = __reduce_add_sync(peers, static_cast<unsigned>((m >> 21) & 0x1FFFFFu));
-      const unsigned long long s2 = __reduce_add_sync(peers, static_cast<unsigned>(m >> 42));
-      if (candidate && leader) {
-        const unsigned long long sum = s0 + (s1 << 21) + (s2 << 42);
-        const uint32_t low = static_cast<uint32_t>(sum);
-        const uint32_t old = atomicAdd(&sh.warp_mass_low[warp][digit], low);
-        const uint32_t carry = static_cast<uint32_t>(old + low < old);
-        atomicAdd(&sh.warp_mass_high[warp][digit], static_cast<uint32_t>(sum >> 32) + carry);
-      }
-    }
     if (candidate && leader) atomicAdd(&sh.warp_count[warp][digit], static_cast<uint32_t>(__popc(peers)));
+    if (mass_mode && candidate) {
+      // Each lane adds its own mass (a group sum would take one redux per distinct digit of
+      // the warp): the low word, then the high word with the carry the low add produced.
+      // The sum of all masses is below 2^63 (mass_scale_exponent), so nothing overflows.
+      const unsigned long long m = fixed_mass(y, row_max, exp2_scale_, unit);
+      const uint32_t low = static_cast<uint32_t>(m);
+      const uint32_t old = atomicAdd(&sh.warp_mass_low[warp][digit], low);
+      const uint32_t high = static_cast<uint32_t>(m >> 32) + static_cast<uint32_t>(old + low < old);
+      if (high != 0u) atomicAdd(&sh.warp_mass_high[warp][digit], high);
+    }
     if (!kFromList && build) {  // uniform
       const bool keep = eligible && key >= list_bound;
       const unsigned keepers = __ballot_sync(0xFFFFFFFFu, keep);
