@@ -38,6 +38,9 @@ LOOP_ELEMENTS = [
     # and the copy of the portion into shared memory (unroll 4 of 16-byte chunks)
     ("verify.cuh", "for (int base = 0; base < n; base += kVerifyThreads)", lambda size: 2),
     ("verify.cuh", "for (int c = threadIdx.x; c < chunks; c += kVerifyThreads)", lambda size: 4 * 16 // size),
+    # the guessed list pass (one chunk), the portion's mass and the kept mass (unroll 2)
+    ("verify.cuh", "for (int base = 0; base < chunks; base += kVerifyThreads)", lambda size: 16 // size),
+    ("verify.cuh", "for (int c = threadIdx.x; c < full_chunks; c += kVerifyThreads)", lambda size: 2 * 16 // size),
 ]
 
 # (kernel name prefix, budget name, max instructions per element): the budgets of the

@@ -27,30 +27,36 @@ struct RowChunks {
   static constexpr int kVec = 16 / sizeof(T);
 };
 
+// The kVec values of T held in 16 loaded bytes, as floats.
 template <typename T>
-__device__ __forceinline__ void load_chunk(const T* row, int64_t chunk, int64_t vocab, bool vector_load,
-                                           float (&out)[RowChunks<T>::kVec]) {
+__device__ __forceinline__ void unpack_chunk(const uint4& raw, float (&out)[RowChunks<T>::kVec]) {
   constexpr int kVec = RowChunks<T>::kVec;
-  if (vector_load) {
-    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(row) + chunk);
-    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-      // bf16 is the high half of a float: the low element of a word is the word shifted
-      // left, the high one the word masked, one instruction each (the generic path below
-      // extracts the high half first, two instructions).
-      const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    // bf16 is the high half of a float: the low element of a word is the word shifted
+    // left, the high one the word masked, one instruction each (the generic path below
+    // extracts the high half first, two instructions).
+    const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
-      for (int w = 0; w < 4; ++w) {
-        out[2 * w] = __uint_as_float(words[w] << 16);
-        out[2 * w + 1] = __uint_as_float(words[w] & 0xFFFF0000u);
-      }
-      return;
+    for (int w = 0; w < 4; ++w) {
+      out[2 * w] = __uint_as_float(words[w] << 16);
+      out[2 * w + 1] = __uint_as_float(words[w] & 0xFFFF0000u);
     }
+  } else {
     // The 16 loaded bytes as kVec values of T: a copy, not a T* into `raw`, which would
     // read a uint4 object through another type (undefined; g++ -O2 then drops the load).
     T values[kVec];
     memcpy(static_cast<void*>(values), &raw, sizeof(raw));
 #pragma unroll
     for (int e = 0; e < kVec; ++e) out[e] = to_float(values[e]);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void load_chunk(const T* row, int64_t chunk, int64_t vocab, bool vector_load,
+                                           float (&out)[RowChunks<T>::kVec]) {
+  constexpr int kVec = RowChunks<T>::kVec;
+  if (vector_load) {
+    unpack_chunk<T>(__ldg(reinterpret_cast<const uint4*>(row) + chunk), out);
   } else {
 #pragma unroll
     for (int e = 0; e < kVec; ++e) {
@@ -92,6 +98,9 @@ __device__ __forceinline__ ArgMax combine(ArgMax a, ArgMax b) { return merge(a, 
 __device__ __forceinline__ float combine(float a, float b) { return a + b; }
 
 __device__ __forceinline__ float shfl_xor(float v, int mask) { return __shfl_xor_sync(0xFFFFFFFFu, v, mask); }
+__device__ __forceinline__ unsigned long long shfl_xor(unsigned long long v, int mask) {
+  return __shfl_xor_sync(0xFFFFFFFFu, v, mask);
+}
 __device__ __forceinline__ ArgMax shfl_xor(ArgMax v, int mask) {
   return {shfl_xor(v.key, mask), static_cast<int64_t>(__shfl_xor_sync(0xFFFFFFFFu, static_cast<long long>(v.index), mask))};
 }

@@ -121,11 +121,21 @@ __device__ __forceinline__ unsigned long long fixed_mass(float x, float row_max,
   return __float2ull_rn(fast_exp2((x - row_max) * exp2_scale_) * unit);
 }
 
+// The top-p limit, rounded as the spec rounds it: float32 top_p times the float32 total;
+// and a fixed-point mass in the same units, for comparisons with it.
+__device__ __forceinline__ float fixed_to_float(unsigned long long mass, int scale) {
+  return static_cast<float>(ldexp(static_cast<double>(mass), -scale));
+}
+__device__ __forceinline__ float top_p_limit(float mass_fraction, unsigned long long total, int scale) {
+  return mass_fraction * fixed_to_float(total, scale);
+}
+
 // One level of the radix select, by warp 0 once st.count / st.mass hold the level's
 // histogram (digit (key >> shift) & 255 of the candidates): chooses the lowest digit that
-// still satisfies the limit and appends it to st.prefix (st.chosen = 256: none).
+// still satisfies the limit and appends it to st.prefix (st.chosen = 256: none). The top-p
+// reference mass is the candidates' (first level) unless total_given (st.total_mass set).
 __device__ __forceinline__ void radix_choose(RadixState& st, int shift, bool mass_mode, int64_t count_limit,
-                                             float mass_fraction, int scale) {
+                                             float mass_fraction, int scale, bool total_given = false) {
   // Lane l owns digits 255-8l .. 248-8l (descending); scan lanes from the top.
   const int lane = threadIdx.x;
   uint32_t lane_count = 0;
@@ -144,14 +154,13 @@ __device__ __forceinline__ void radix_choose(RadixState& st, int shift, bool mas
       incl_mass += m;
     }
   }
-  if (shift == 24) {
+  if (shift == 24 && !total_given) {
     // The first level sees every candidate: their mass is the top-p reference.
     const unsigned long long total = __shfl_sync(0xFFFFFFFFu, incl_mass, 31);
     if (lane == 0) st.total_mass = total;
   }
   __syncwarp();
-  // The limit is rounded as the spec rounds it: float32 top_p times the float32 total.
-  const float mass_limit = mass_fraction * static_cast<float>(ldexp(static_cast<double>(st.total_mass), -scale));
+  const float mass_limit = top_p_limit(mass_fraction, st.total_mass, scale);
   uint32_t run_count = st.above_count + incl_count - lane_count;
   unsigned long long run_mass = st.above_mass + incl_mass - lane_mass;
   int candidate = 256;
@@ -160,8 +169,7 @@ __device__ __forceinline__ void radix_choose(RadixState& st, int shift, bool mas
   for (int i = 0; i < 8; ++i) {
     const int digit = 255 - 8 * lane - i;
     if (st.count[digit] > 0) {
-      const bool ok = mass_mode ? (run_count == 0 ||
-                                   static_cast<float>(ldexp(static_cast<double>(run_mass), -scale)) < mass_limit)
+      const bool ok = mass_mode ? (run_count == 0 || fixed_to_float(run_mass, scale) < mass_limit)
                                 : (static_cast<int64_t>(run_count) < count_limit);
       if (!ok) break;
       candidate = digit;
@@ -538,8 +546,15 @@ struct FilterShared {
   uint32_t block_fits;   // they and the bucket's fit in the candidate list
   uint32_t list_size;    // keys in the candidate list
   MassStats result;  // the block's max, then its kept mass and race winner, read by block 0
+  // Read by the other blocks of the cluster, each written once (see filter_guess_list):
+  float block_guess;   // the block's bound for the top-k guess
+  unsigned long long block_total;  // the block's fixed-point mass (top-p alone)
+  uint32_t listed;     // elements >= the guess in the block (the list holds the first `capacity`)
+  unsigned long long listed_mass;  // their fixed-point mass (top-p alone)
+  float warp_guess[kFilterWarps];
   float scratch_float[kFilterWarps];
   ArgMax scratch_argmax[kFilterWarps];
+  unsigned long long scratch_mass[kFilterWarps];
 };
 
 // The candidate list of a block: once the radix select has narrowed the candidates to few,
@@ -638,7 +653,7 @@ __device__ __forceinline__ void filter_histogram(const FilterSource<T>& source, 
 template <typename T>
 __device__ float filter_threshold(FilterSource<T>& source, FilterShared& sh, float exp2_scale_, float row_max,
                                   float floor, bool mass_mode, int64_t count_limit, float mass_fraction,
-                                  int64_t vocab) {
+                                  int64_t vocab, unsigned long long given_total = 0) {
   cg::cluster_group cluster = cg::this_cluster();
   const int scale = mass_scale_exponent(vocab);
   RadixState& st = sh.radix;
@@ -646,6 +661,7 @@ __device__ float filter_threshold(FilterSource<T>& source, FilterShared& sh, flo
     st.prefix = 0;
     st.above_count = 0;
     st.above_mass = 0;
+    st.total_mass = given_total;
     sh.block_above = 0;
     sh.block_fits = 0;
     sh.list_size = 0;
@@ -683,7 +699,7 @@ __device__ float filter_threshold(FilterSource<T>& source, FilterShared& sh, flo
     st.mass[bin] = mass;
     __syncthreads();
     if (threadIdx.x < 32) {
-      radix_choose(st, shift, mass_mode, count_limit, mass_fraction, scale);
+      radix_choose(st, shift, mass_mode, count_limit, mass_fraction, scale, given_total != 0);
       __syncwarp();
       if (source.size < 0 && st.chosen < 256) {
         // This block's candidates above the chosen bucket, and whether they and the
@@ -704,6 +720,114 @@ __device__ float filter_threshold(FilterSource<T>& source, FilterShared& sh, flo
   const float threshold = st.chosen == 256 ? -INFINITY : key_to_float(st.prefix);
   __syncthreads();  // every thread has read st before a later call resets it
   return threshold;
+}
+
+// ---------------------------------------------------------------- the guessed list
+// The radix passes over a whole portion cost about 30 (count) to 45 (mass) instructions an
+// element; a filtered row need not pay them. A bound g <= the threshold is guessed from
+// what the row's first reads give, every block lists its elements >= g in one cheap pass
+// (a max over each 16-byte chunk, and the list code only where a warp has an element that
+// high), and the radix select runs over the lists alone when they are known to hold every
+// token the filter can keep. Known, not hoped: the kernel checks it exactly; else (and
+// when a list overflows) it takes the radix passes over the portions.
+//  - top-k (k <= 64 * 32): each warp's j-th largest thread maximum, j = ceil(k / 64),
+//    and g their minimum over the cluster's 64 warps. Every warp has j elements >= g,
+//    so the row has at least 64 j >= k of them: the k-th largest value is >= g.
+//  - top-p alone: with Z the fixed-point mass of the row (one pass), the elements of mass
+//    below eps = (1 - p) Z / (2 V) weigh at most (1 - p) Z / 2, so those above hold the
+//    top-p set; g = max + log2(eps) / s, clamped to the max. The check: the listed mass
+//    reaches the limit p Z (with the rounding the select compares with), so every token
+//    below g has a mass before it that is too large to keep it.
+// The select over the lists is exact: every listed element has all the elements above it
+// listed, so its count or mass before it is the row's.
+constexpr int kFilterGuessRanks = kFilterCluster * kFilterWarps;  // warps of a cluster
+
+// v sorted across the warp, lane l holding the l-th largest (bitonic network).
+__device__ __forceinline__ float warp_sort_descending(float v) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int size = 2; size <= 32; size <<= 1) {
+#pragma unroll
+    for (int stride = size / 2; stride > 0; stride >>= 1) {
+      const float other = __shfl_xor_sync(0xFFFFFFFFu, v, stride);
+      // Lanes of a descending run (lane & size == 0, all of them in the last merge) keep
+      // the larger value at the lower lane.
+      const bool larger = ((lane & stride) == 0) == ((lane & size) == 0);
+      v = larger ? fmaxf(v, other) : fminf(v, other);
+    }
+  }
+  return v;
+}
+
+// The block's elements >= guess into its candidate list (keys; sh.listed counts them all,
+// the list takes the first `capacity`), their fixed-point mass into sh.listed_mass when
+// `mass`. Warp-uniform trip counts: the ballots need every lane.
+template <typename T>
+__device__ void filter_list_above(FilterSource<T>& source, FilterShared& sh, float guess, bool mass, float row_max,
+                                  float exp2_scale_, float unit) {
+  constexpr int kVec = RowChunks<T>::kVec;
+  const int lane = threadIdx.x % 32;
+  unsigned long long listed_mass = 0;
+  const auto list = [&](float x) {
+    const float y = sanitize_logit(x);
+    const bool keep = y >= guess;  // guess is finite: -inf is never listed
+    const unsigned keepers = __ballot_sync(0xFFFFFFFFu, keep);
+    if (keepers == 0u) return;
+    const int first = __ffs(static_cast<int>(keepers)) - 1;
+    uint32_t slot = 0;
+    if (lane == first) slot = atomicAdd(&sh.list_size, static_cast<uint32_t>(__popc(keepers)));
+    slot = __shfl_sync(0xFFFFFFFFu, slot, first) + __popc(keepers & ((1u << lane) - 1u));
+    if (keep && slot < static_cast<uint32_t>(source.capacity)) source.list[slot] = ordered_key(y);
+    if (keep && mass) listed_mass += fixed_mass(y, row_max, exp2_scale_, unit);
+  };
+  const int chunks = source.n / kVec;
+  const uint4* vec = reinterpret_cast<const uint4*>(source.data);
+  for (int base = 0; base < chunks; base += kVerifyThreads) {
+    const int c = base + static_cast<int>(threadIdx.x);
+    const bool inside = c < chunks;
+    float x[kVec];
+    unpack_chunk<T>(vec[inside ? c : 0], x);  // chunk 0 stands in for the lanes past the end
+    float top = x[0];  // NaN is skipped by fmaxf and never listed
+#pragma unroll
+    for (int e = 1; e < kVec; ++e) top = fmaxf(top, x[e]);
+    if (__any_sync(0xFFFFFFFFu, inside && top >= guess)) {
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) list(inside ? x[e] : -INFINITY);
+    }
+  }
+  for (int base = chunks * kVec; base < source.n; base += kVerifyThreads) {  // < kVec elements
+    const int i = base + static_cast<int>(threadIdx.x);
+    list(i < source.n ? to_float(source.data[i]) : -INFINITY);
+  }
+  if (mass)
+    listed_mass = block_allreduce<kVerifyThreads>(
+        listed_mass, [](unsigned long long a, unsigned long long c) { return a + c; }, sh.scratch_mass);
+  __syncthreads();  // list_size complete
+  if (threadIdx.x == 0) {
+    sh.listed = sh.list_size;
+    sh.listed_mass = listed_mass;
+  }
+}
+
+// The fixed-point mass of the block's portion (every element: -inf adds 0).
+template <typename T>
+__device__ unsigned long long portion_mass(const FilterSource<T>& source, FilterShared& sh, float row_max,
+                                           float exp2_scale_, float unit) {
+  constexpr int kVec = RowChunks<T>::kVec;
+  const int full_chunks = source.n / kVec;
+  const uint4* vec = reinterpret_cast<const uint4*>(source.data);
+  unsigned long long mass = 0;
+#pragma unroll 2
+  for (int c = threadIdx.x; c < full_chunks; c += kVerifyThreads) {
+    float x[kVec];
+    unpack_chunk<T>(vec[c], x);
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) mass += fixed_mass(sanitize_logit(x[e]), row_max, exp2_scale_, unit);
+  }
+  for (int i = full_chunks * kVec + threadIdx.x; i < source.n; i += kVerifyThreads)
+    mass += fixed_mass(sanitize_logit(to_float(source.data[i])), row_max, exp2_scale_, unit);
+  return block_allreduce<kVerifyThreads>(mass, [](unsigned long long a, unsigned long long c) { return a + c; },
+                                         sh.scratch_mass);
 }
 
 // Grid (kFilterCluster * B, K + 1), clusters of kFilterCluster blocks along x: the cluster
@@ -739,6 +863,7 @@ __global__ void __launch_bounds__(kVerifyThreads) verify_filter_kernel(const T* 
                          static_cast<int>(filter_list_capacity(p.vocab)), -1};
   const T* row = target_logits + (p.target_offset[b] + j) * p.target_stride + start;
 
+  if (threadIdx.x == 0) sh.list_size = 0;
   // The portion into shared memory, 16 bytes at a time where the row allows, and its max.
   constexpr int kVec = RowChunks<T>::kVec;
   float thread_max = -INFINITY;
@@ -756,38 +881,96 @@ __global__ void __launch_bounds__(kVerifyThreads) verify_filter_kernel(const T* 
     data[i] = row[i];
     thread_max = fmaxf(thread_max, sanitize_logit(to_float(row[i])));
   }
+  // The top-k guess (see filter_list_above): this warp's j-th largest thread maximum.
+  const bool guess_k = k_on && top_k <= int64_t{kFilterGuessRanks} * 32;
+  if (guess_k) {
+    const int j = static_cast<int>((top_k + kFilterGuessRanks - 1) / kFilterGuessRanks);
+    const float warp_guess = __shfl_sync(0xFFFFFFFFu, warp_sort_descending(thread_max), j - 1);
+    if (threadIdx.x % 32 == 0) sh.warp_guess[threadIdx.x / 32] = warp_guess;
+  }
   const auto max_of = [](float a, float c) { return fmaxf(a, c); };
-  const float block_max = block_allreduce<kVerifyThreads>(thread_max, max_of, sh.scratch_float);
-  if (threadIdx.x == 0) sh.result.max = block_max;
-  cluster.sync();  // the blocks' maxima (and the portions: block barrier included)
+  const float block_max = block_allreduce<kVerifyThreads>(thread_max, max_of, sh.scratch_float);  // and barriers
+  if (threadIdx.x == 0) {
+    sh.result.max = block_max;
+    float block_guess = guess_k ? INFINITY : -INFINITY;  // -inf: no guess
+    for (int w = 0; guess_k && w < kFilterWarps; ++w) block_guess = fminf(block_guess, sh.warp_guess[w]);
+    sh.block_guess = block_guess;
+  }
+  cluster.sync();  // the blocks' maxima and guesses (and the portions: block barrier included)
   float row_max = -INFINITY;
-  for (unsigned r = 0; r < kFilterCluster; ++r) row_max = fmaxf(row_max, cluster.map_shared_rank(&sh.result, r)->max);
+  float guess = INFINITY;
+  for (unsigned r = 0; r < kFilterCluster; ++r) {
+    const FilterShared* other = cluster.map_shared_rank(&sh, r);
+    row_max = fmaxf(row_max, other->result.max);
+    guess = fminf(guess, other->block_guess);
+  }
 
   float threshold = -INFINITY;
   const float scale = exp2_scale(temperature);
   const bool bonus = j == length;
   MassStats mine{row_max, 0.f, 0.f, -1};
   if (row_max != -INFINITY) {
+    const int mass_exponent = mass_scale_exponent(p.vocab);
+    const float unit = ldexpf(1.f, mass_exponent);
+    unsigned long long total = 0;
+    if (!k_on) {  // top-p alone: the row's mass, the reference of the limit and of the guess
+      const unsigned long long block_total = portion_mass(source, sh, row_max, scale, unit);
+      if (threadIdx.x == 0) sh.block_total = block_total;
+      cluster.sync();
+      for (unsigned r = 0; r < kFilterCluster; ++r) total += cluster.map_shared_rank(&sh, r)->block_total;
+      const float eps = (1.f - top_p) * fixed_to_float(total, mass_exponent) / (2.f * static_cast<float>(p.vocab));
+      guess = fminf(row_max, row_max + fast_log2(eps) / scale);  // -inf if eps underflows: no guess
+    }
+    if (guess > -INFINITY) {  // the same in every block
+      filter_list_above(source, sh, guess, !k_on, row_max, scale, unit);
+      cluster.sync();  // every block's count and mass of its elements >= guess
+      uint64_t listed = 0;
+      unsigned long long listed_mass = 0;
+      bool fits = true;
+      for (unsigned r = 0; r < kFilterCluster; ++r) {
+        const FilterShared* other = cluster.map_shared_rank(&sh, r);
+        listed += other->listed;
+        listed_mass += other->listed_mass;
+        fits = fits && other->listed <= static_cast<uint32_t>(source.capacity);
+      }
+      const bool covered = k_on ? listed >= static_cast<uint64_t>(top_k)
+                                : fixed_to_float(listed_mass, mass_exponent) >= top_p_limit(top_p, total, mass_exponent);
+      if (fits && covered) source.size = static_cast<int>(sh.listed);
+    }
     if (k_on) threshold = filter_threshold(source, sh, scale, row_max, -INFINITY, false, top_k, 0.f, p.vocab);
-    if (top_p < 1.f) threshold = filter_threshold(source, sh, scale, row_max, threshold, true, 0, top_p, p.vocab);
-    // The kept mass and, for the bonus row, the race among the kept tokens.
+    if (top_p < 1.f)
+      threshold = filter_threshold(source, sh, scale, row_max, threshold, true, 0, top_p, p.vocab, k_on ? 0ull : total);
+    // The kept mass and, for the bonus row, the race among the kept tokens; a chunk none of
+    // whose elements reaches the threshold costs its max only.
     float kept_mass = 0.f;
     ArgMax best{0.f, -1};
     RandomRow random(static_cast<uint64_t>(p.seed[b]), kStreamResample, static_cast<uint32_t>(length),
                      static_cast<uint64_t>(p.offset[b]));
-    for (int first = 4 * threadIdx.x; first < n; first += 4 * kVerifyThreads) {  // one Philox call per 4
-      for (int i = first; i < min(first + 4, n); ++i) {
-        const float x = sanitize_logit(to_float(data[i]));
-        if (x == -INFINITY || x < threshold) continue;
-        const float w = fast_exp2((x - row_max) * scale);
-        kept_mass += w;
-        if (bonus) {
-          const int64_t v = start + i;
-          const float key = fast_divide(w, exponential2_fast(random.word(v)));
-          if (key > best.key) best = {key, v};
-        }
+    const auto keep = [&](int i, float raw) {
+      const float x = sanitize_logit(raw);
+      if (x == -INFINITY || x < threshold) return;
+      const float w = fast_exp2((x - row_max) * scale);
+      kept_mass += w;
+      if (bonus) {
+        const int64_t v = start + i;
+        const float key = fast_divide(w, exponential2_fast(random.word(v)));
+        if (key > best.key) best = {key, v};
+      }
+    };
+    const int full_chunks = n / kVec;
+#pragma unroll 2
+    for (int c = threadIdx.x; c < full_chunks; c += kVerifyThreads) {
+      float x[kVec];
+      unpack_chunk<T>(reinterpret_cast<const uint4*>(data)[c], x);
+      float top = x[0];
+#pragma unroll
+      for (int e = 1; e < kVec; ++e) top = fmaxf(top, x[e]);
+      if (top >= threshold) {
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) keep(c * kVec + e, x[e]);
       }
     }
+    for (int i = full_chunks * kVec + threadIdx.x; i < n; i += kVerifyThreads) keep(i, to_float(data[i]));
     kept_mass = block_allreduce<kVerifyThreads>(kept_mass, [](float a, float c) { return a + c; }, sh.scratch_float);
     best = block_allreduce<kVerifyThreads>(best, [](ArgMax a, ArgMax c) { return merge(a, c); }, sh.scratch_argmax);
     mine = {row_max, kept_mass, best.key, static_cast<int32_t>(best.index)};
