@@ -1,6 +1,7 @@
 // The row kernels of the CPU verify: sanitising a row to float32 (and its max), its base-2
 // weights exp2((x - m) * s) (and their sum), the residual of a row pair and the race,
-// vectorised with ATen's at::vec::Vectorized (Sleef's exp2 under AVX2/AVX-512). Compiled
+// vectorised with ATen's at::vec::Vectorized (exp2 by a polynomial and Sleef's log2/log1p
+// under AVX2/AVX-512). Compiled
 // once per instruction set (verify_rows_default.cpp, verify_rows_avx2.cpp,
 // verify_rows_avx512.cpp); row_kernels() picks the best the CPU has, once. The results of
 // one machine do not depend on the batch (each row is reduced alone, in a fixed order), so

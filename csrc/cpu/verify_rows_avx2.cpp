@@ -1,5 +1,5 @@
 // verify's CPU row kernels for x86-64 CPUs with AVX2 and FMA: ATen's AVX2 Vectorized
-// (Sleef's exp2f8_u10, exported by libtorch_cpu). The instruction set is switched on for
+// (Sleef's log2f8/log1pf8_u10, exported by libtorch_cpu). The instruction set is switched on for
 // this file only (#pragma GCC target), so the library still loads on any x86-64 CPU;
 // row_kernels() calls this copy only where the CPU has AVX2, FMA and F16C.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)

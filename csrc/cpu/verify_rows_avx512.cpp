@@ -1,6 +1,6 @@
 // verify's CPU row kernels for x86-64 CPUs with AVX-512 (F, BW, VL, DQ): ATen's AVX-512
-// Vectorized (16 lanes; Sleef's exp2f16_u10), the Philox and candidate code of the AVX2
-// copy (256-bit). Switched on for this file only, like verify_rows_avx2.cpp; row_kernels()
+// Vectorized (16 lanes; Sleef's log2/log1p), 512-bit Philox, the candidate code of the
+// AVX2 copy (256-bit). Switched on for this file only, like verify_rows_avx2.cpp; row_kernels()
 // calls it only where the CPU has AVX-512.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #pragma GCC push_options

@@ -89,6 +89,36 @@ float sanitize(const scalar_t* in, int64_t n, float* out) {
   return m;
 }
 
+// 2^x for x <= 0 (the weights' exponents), where the instruction set has vector integers:
+// x = n + f with n = round(x), |f| <= 1/2; 2^f by a degree-6 polynomial (near-minimax,
+// relative error 1.9e-9 before the float32 rounding of its Horner steps: within 2 ulp,
+// as the GPU's ex2.approx), 2^n from its exponent bits. x < -126.5 (and -inf) gives 0:
+// results below 2^-126 flush, as the GPU's ex2.approx.ftz does. NaN stays NaN. About a
+// third of the instructions of Sleef's exp2 (u10), which spends them on the full range.
+inline Vec exp2_nonpositive(const Vec& x) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  const Vec n = at::vec::maximum(x.round(), Vec(-127.f));
+  const Vec f = x - n;
+  Vec p(0x1.41d332p-13f);
+  p = at::vec::fmadd(p, f, Vec(0x1.5f456ap-10f));
+  p = at::vec::fmadd(p, f, Vec(0x1.3b2dbcp-7f));
+  p = at::vec::fmadd(p, f, Vec(0x1.c6aed4p-5f));
+  p = at::vec::fmadd(p, f, Vec(0x1.ebfbdap-3f));
+  p = at::vec::fmadd(p, f, Vec(0x1.62e430p-1f));
+  p = at::vec::fmadd(p, f, Vec(1.f));
+#if defined(CPU_CAPABILITY_AVX512)
+  const Vec two_n(_mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23)));
+#else
+  const Vec two_n(_mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23)));
+#endif
+  return Vec::blendv(p * two_n, Vec(0.f), x < Vec(-126.5f));
+#else
+  return x.exp2();  // the portable copy: libm, lane by lane
+#endif
+}
+
 // w[v] = exp2((x[v] - m) * s) if x[v] >= threshold else 0, x sanitised; returns the sum of
 // w (per-lane partial sums in chunk order, then the tail).
 float weights(const float* x, int64_t n, float m, float s, float threshold, float* w) {
@@ -97,7 +127,7 @@ float weights(const float* x, int64_t n, float m, float s, float threshold, floa
   int64_t v = 0;
   for (; v + Vec::size() <= n; v += Vec::size()) {
     const Vec y = Vec::loadu(x + v);
-    const Vec e = ((y - vm) * vs).exp2();
+    const Vec e = exp2_nonpositive((y - vm) * vs);
     const Vec kept = Vec::blendv(zero, e, y >= vt);
     kept.store(w + v);
     sum = sum + kept;
@@ -136,10 +166,51 @@ constexpr int kRaceGroups = 16;               // Philox calls per block
 constexpr int kRaceBlock = 4 * kRaceGroups;   // elements per block
 
 // Philox-4x32-10 (math.h's philox4x32_10) on kRaceGroups consecutive groups at once;
-// words[4 i + k] is word k of group first_group + i. With AVX2, eight groups per vector
-// (the 32x32->64-bit products by vpmuludq on the even and the odd lanes); otherwise in
-// structure-of-arrays form for the compiler.
-#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+// words[4 i + k] is word k of group first_group + i. With AVX-512, the sixteen groups in
+// one vector per word, with AVX2 eight (the 32x32->64-bit products by vpmuludq on the even
+// and the odd lanes); otherwise in structure-of-arrays form for the compiler.
+#if defined(CPU_CAPABILITY_AVX512)
+inline void mulhilo16(__m512i x, __m512i multiplier, __m512i& hi, __m512i& lo) {
+  const __m512i even = _mm512_mul_epu32(x, multiplier);                        // lanes 0, 2, ...
+  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(x, 32), multiplier);  // lanes 1, 3, ...
+  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+}
+
+void philox_block(uint32_t first_group, uint32_t key0, uint32_t key1, uint32_t c1, uint32_t c2, uint32_t c3,
+                  uint32_t* words) {
+  static_assert(kRaceGroups == 16, "sixteen groups per vector");
+  const __m512i m0 = _mm512_set1_epi64(0xD2511F53u), m1 = _mm512_set1_epi64(0xCD9E8D57u);
+  __m512i x0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(first_group)),
+                                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  __m512i x1 = _mm512_set1_epi32(static_cast<int>(c1)), x2 = _mm512_set1_epi32(static_cast<int>(c2));
+  __m512i x3 = _mm512_set1_epi32(static_cast<int>(c3));
+  uint32_t k0 = key0, k1 = key1;
+  for (int round = 0; round < 10; ++round) {
+    __m512i hi0, lo0, hi1, lo1;
+    mulhilo16(x0, m0, hi0, lo0);
+    mulhilo16(x2, m1, hi1, lo1);
+    x0 = _mm512_xor_si512(_mm512_xor_si512(hi1, x1), _mm512_set1_epi32(static_cast<int>(k0)));
+    x1 = lo1;
+    x2 = _mm512_xor_si512(_mm512_xor_si512(hi0, x3), _mm512_set1_epi32(static_cast<int>(k1)));
+    x3 = lo0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  // Word k of group i is lane i of x_k: transpose to group-major order. Within each
+  // 128-bit lane j, u_m holds group 4 j + m; then the 128-bit lanes are transposed.
+  const __m512i t0 = _mm512_unpacklo_epi32(x0, x1), t1 = _mm512_unpackhi_epi32(x0, x1);
+  const __m512i t2 = _mm512_unpacklo_epi32(x2, x3), t3 = _mm512_unpackhi_epi32(x2, x3);
+  const __m512i u0 = _mm512_unpacklo_epi64(t0, t2), u1 = _mm512_unpackhi_epi64(t0, t2);
+  const __m512i u2 = _mm512_unpacklo_epi64(t1, t3), u3 = _mm512_unpackhi_epi64(t1, t3);
+  const __m512i v0 = _mm512_shuffle_i32x4(u0, u1, 0x44), v1 = _mm512_shuffle_i32x4(u2, u3, 0x44);
+  const __m512i v2 = _mm512_shuffle_i32x4(u0, u1, 0xEE), v3 = _mm512_shuffle_i32x4(u2, u3, 0xEE);
+  _mm512_storeu_si512(words, _mm512_shuffle_i32x4(v0, v1, 0x88));       // groups 0-3
+  _mm512_storeu_si512(words + 16, _mm512_shuffle_i32x4(v0, v1, 0xDD));  // groups 4-7
+  _mm512_storeu_si512(words + 32, _mm512_shuffle_i32x4(v2, v3, 0x88));  // groups 8-11
+  _mm512_storeu_si512(words + 48, _mm512_shuffle_i32x4(v2, v3, 0xDD));  // groups 12-15
+}
+#elif defined(CPU_CAPABILITY_AVX2)
 inline void mulhilo8(__m256i x, __m256i multiplier, __m256i& hi, __m256i& lo) {
   const __m256i even = _mm256_mul_epu32(x, multiplier);                         // lanes 0, 2, 4, 6
   const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(x, 32), multiplier);   // lanes 1, 3, 5, 7
