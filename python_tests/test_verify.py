@@ -255,19 +255,27 @@ def test_filtered_rows_guessed_lists(device, dtype):
     threshold from the first pass and selects over the elements above it only (V = 17000:
     every thread of the cluster holds elements), next to rows where the guess is not taken
     or fails and the kernel falls back to the radix passes over the whole row: k > 2048,
-    a flat row whose ties fill the list, top-p with a flat row. Every request must equal
-    the reference (on the CPU the same cases test the CPU kernel)."""
-    vocab, batch = 17000, 12
+    a flat row whose ties fill the list, top-p with a flat row; and a top-p row whose
+    mass sits on two levels, where the first top-p guess (from the mass moments) misses
+    mass and the second (the tail bound) is taken. Every request must equal the reference
+    (on the CPU the same cases test the CPU kernel)."""
+    vocab, batch = 17000, 13
     inputs = random_batch(23, batch, 2, vocab, DTYPES[dtype], "padded", True, True, True, greedy_frac=0.0)
-    inputs["temperature"] = torch.tensor([1.0, 0.7, 1.3, 1.0, 0.8, 1.0, 1.0, 1.0, 1.0, 0.6, 1.0, 1.2])
-    #            guess: k   k     k     none  p    k,p   flat k flat p  p=0   p,-inf  k=64 p
-    top_k = torch.tensor([50, 1, 2048, 3000, 0, 200, 10, 0, 0, 0, 64, 0], dtype=torch.int32)
-    top_p = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.9, 0.8, 1.0, 0.95, 0.0, 0.7, 0.5, 0.99])
+    inputs["temperature"] = torch.tensor([1.0, 0.7, 1.3, 1.0, 0.8, 1.0, 1.0, 1.0, 1.0, 0.6, 1.0, 1.2, 1.0])
+    #            guess: k   k     k     none  p    k,p   flat k flat p  p=0   p,-inf  k=64 p  two levels p
+    top_k = torch.tensor([50, 1, 2048, 3000, 0, 200, 10, 0, 0, 0, 64, 0, 0], dtype=torch.int32)
+    top_p = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.9, 0.8, 1.0, 0.95, 0.0, 0.7, 0.5, 0.99, 0.9])
     inputs["top_k"], inputs["top_p"] = top_k, top_p
     rows = inputs["target_logits"].view(batch, 3, vocab)
     rows[6] = torch.where(torch.isnan(rows[6].float()), rows[6].float(), 0.0).to(rows.dtype)  # flat: ties
     rows[7] = torch.where(torch.isnan(rows[7].float()), rows[7].float(), 1.5).to(rows.dtype)
     rows[9, :, : vocab // 2] = -float("inf")  # half the row never kept
+    # Mass 1 on one token, about 0.18 on 722 tokens 2^-12 below it (spread over the row),
+    # the rest 60 nats down: the moments' guess excludes the 722, which top-p 0.9 keeps.
+    two_levels = torch.full((vocab,), -60.0)
+    two_levels[torch.arange(722) * 23 + 5] = -12 * math.log(2.0)
+    two_levels[3] = 0.0
+    rows[12] = torch.where(torch.isnan(rows[12].float()), rows[12].float(), two_levels).to(rows.dtype)
     ref_out, ref_acc = call_ref(inputs)
     out, acc = call_op(inputs, device)
     check_structure(out, acc, inputs)
@@ -275,6 +283,8 @@ def test_filtered_rows_guessed_lists(device, dtype):
     assert bool(agree.all()), f"requests differing from the reference: {(~agree).nonzero().flatten().tolist()}"
     keep = R.filter_mask(R.sanitize(rows[0, :1].float()), top_k[:1], None)
     assert 50 <= int(keep.sum()) < 100  # the case is what it says (bf16 may tie at the 50th)
+    keep = R.filter_mask(R.sanitize(rows[12, :1].float()), None, top_p[12:13], inputs["temperature"][12:13])
+    assert int(keep.sum()) == 723  # top-p 0.9 keeps both levels
 
 
 # --------------------------------------------------------------------------- 2. losslessness

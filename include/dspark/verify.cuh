@@ -546,11 +546,12 @@ struct FilterShared {
   uint32_t block_fits;   // they and the bucket's fit in the candidate list
   uint32_t list_size;    // keys in the candidate list
   MassStats result;  // the block's max, then its kept mass and race winner, read by block 0
-  // Read by the other blocks of the cluster, each written once (see filter_guess_list):
+  // Read by the other blocks of the cluster, each written once (see filter_list_above):
   float block_guess;   // the block's bound for the top-k guess
   unsigned long long block_total;  // the block's fixed-point mass (top-p alone)
-  uint32_t listed;     // elements >= the guess in the block (the list holds the first `capacity`)
-  unsigned long long listed_mass;  // their fixed-point mass (top-p alone)
+  float block_moments[2];          // and its sums of w t, w t^2 (t = (x - max) s, w = 2^t)
+  uint32_t listed[2];  // per guess: elements >= it in the block (the list holds the first `capacity`)
+  unsigned long long listed_mass[2];  // their fixed-point mass (top-p alone)
   float warp_guess[kFilterWarps];
   float scratch_float[kFilterWarps];
   ArgMax scratch_argmax[kFilterWarps];
@@ -649,7 +650,8 @@ __device__ __forceinline__ void filter_histogram(const FilterSource<T>& source, 
 }
 
 // The radix select of filtered_row's radix_threshold, over the cluster's portions (and
-// candidate lists, once built).
+// candidate lists, once built). given_total: the top-p reference mass when the candidates
+// are not all of the set it is over (0: theirs; a non-empty row's mass is >= 2^scale > 0).
 template <typename T>
 __device__ float filter_threshold(FilterSource<T>& source, FilterShared& sh, float exp2_scale_, float row_max,
                                   float floor, bool mass_mode, int64_t count_limit, float mass_fraction,
@@ -733,11 +735,14 @@ __device__ float filter_threshold(FilterSource<T>& source, FilterShared& sh, flo
 //  - top-k (k <= 64 * 32): each warp's j-th largest thread maximum, j = ceil(k / 64),
 //    and g their minimum over the cluster's 64 warps. Every warp has j elements >= g,
 //    so the row has at least 64 j >= k of them: the k-th largest value is >= g.
-//  - top-p alone: with Z the fixed-point mass of the row (one pass), the elements of mass
-//    below eps = (1 - p) Z / (2 V) weigh at most (1 - p) Z / 2, so those above hold the
-//    top-p set; g = max + log2(eps) / s, clamped to the max. The check: the listed mass
-//    reaches the limit p Z (with the rounding the select compares with), so every token
-//    below g has a mass before it that is too large to keep it.
+//  - top-p alone: one pass gives Z, the fixed-point mass of the row, and the first two
+//    moments of t = (x - max) s under the masses. First guess: t = mean - (z_p + 1/2) sd
+//    (z_p the normal quantile of p: exact for normal logits, whose mass-tilted law is
+//    normal too); if its list misses mass, the safe one: the elements of mass below
+//    eps = (1 - p) Z / (2 V) weigh at most (1 - p) Z / 2, so g = max + log2(eps) / s
+//    always covers. The check: the listed mass reaches the limit p Z (with the rounding
+//    the select compares with), so every token below g has a mass before it that is too
+//    large to keep it. A list that overflows ends the guessing (a lower g lists more).
 // The select over the lists is exact: every listed element has all the elements above it
 // listed, so its count or mass before it is the row's.
 constexpr int kFilterGuessRanks = kFilterCluster * kFilterWarps;  // warps of a cluster
@@ -763,11 +768,13 @@ __device__ __forceinline__ float warp_sort_descending(float v) {
 // the list takes the first `capacity`), their fixed-point mass into sh.listed_mass when
 // `mass`. Warp-uniform trip counts: the ballots need every lane.
 template <typename T>
-__device__ void filter_list_above(FilterSource<T>& source, FilterShared& sh, float guess, bool mass, float row_max,
-                                  float exp2_scale_, float unit) {
+__device__ void filter_list_above(FilterSource<T>& source, FilterShared& sh, int attempt, float guess, bool mass,
+                                  float row_max, float exp2_scale_, float unit) {
   constexpr int kVec = RowChunks<T>::kVec;
   const int lane = threadIdx.x % 32;
   unsigned long long listed_mass = 0;
+  if (threadIdx.x == 0) sh.list_size = 0;
+  __syncthreads();
   const auto list = [&](float x) {
     const float y = sanitize_logit(x);
     const bool keep = y >= guess;  // guess is finite: -inf is never listed
@@ -804,30 +811,59 @@ __device__ void filter_list_above(FilterSource<T>& source, FilterShared& sh, flo
         listed_mass, [](unsigned long long a, unsigned long long c) { return a + c; }, sh.scratch_mass);
   __syncthreads();  // list_size complete
   if (threadIdx.x == 0) {
-    sh.listed = sh.list_size;
-    sh.listed_mass = listed_mass;
+    sh.listed[attempt] = sh.list_size;
+    sh.listed_mass[attempt] = listed_mass;
   }
 }
 
-// The fixed-point mass of the block's portion (every element: -inf adds 0).
+// The normal distribution's p-quantile for p < 1 (Abramowitz and Stegun 26.2.23, error
+// below 4.5e-4); -inf for p <= 0.
+__device__ __forceinline__ float normal_quantile(float p) {
+  if (!(p > 0.f)) return -INFINITY;
+  const float q = p < 0.5f ? p : 1.f - p;
+  const float t = sqrtf(-2.f * logf(q));
+  const float z = t - (2.515517f + t * (0.802853f + t * 0.010328f)) /
+                          (1.f + t * (1.432788f + t * (0.189269f + t * 0.001308f)));
+  return p < 0.5f ? -z : z;
+}
+
+// The fixed-point mass of the block's portion (every element: -inf adds 0), and the sums
+// of w t and w t^2 (t = (x - max) s, w = 2^t; t clamped at -128, where w is 0), for the
+// top-p guess. Results in every thread.
+struct PortionMass {
+  unsigned long long mass;
+  float moment1, moment2;
+};
+
 template <typename T>
-__device__ unsigned long long portion_mass(const FilterSource<T>& source, FilterShared& sh, float row_max,
-                                           float exp2_scale_, float unit) {
+__device__ PortionMass portion_mass(const FilterSource<T>& source, FilterShared& sh, float row_max,
+                                    float exp2_scale_, float unit) {
   constexpr int kVec = RowChunks<T>::kVec;
   const int full_chunks = source.n / kVec;
   const uint4* vec = reinterpret_cast<const uint4*>(source.data);
   unsigned long long mass = 0;
+  float moment1 = 0.f, moment2 = 0.f;
+  const auto add = [&](float raw) {
+    const float t = (sanitize_logit(raw) - row_max) * exp2_scale_;
+    const float w = fast_exp2(t);
+    mass += __float2ull_rn(w * unit);  // fixed_mass
+    const float wt = w * fmaxf(t, -128.f);
+    moment1 += wt;
+    moment2 = fmaf(wt, fmaxf(t, -128.f), moment2);
+  };
 #pragma unroll 2
   for (int c = threadIdx.x; c < full_chunks; c += kVerifyThreads) {
     float x[kVec];
     unpack_chunk<T>(vec[c], x);
 #pragma unroll
-    for (int e = 0; e < kVec; ++e) mass += fixed_mass(sanitize_logit(x[e]), row_max, exp2_scale_, unit);
+    for (int e = 0; e < kVec; ++e) add(x[e]);
   }
-  for (int i = full_chunks * kVec + threadIdx.x; i < source.n; i += kVerifyThreads)
-    mass += fixed_mass(sanitize_logit(to_float(source.data[i])), row_max, exp2_scale_, unit);
-  return block_allreduce<kVerifyThreads>(mass, [](unsigned long long a, unsigned long long c) { return a + c; },
-                                         sh.scratch_mass);
+  for (int i = full_chunks * kVec + threadIdx.x; i < source.n; i += kVerifyThreads) add(to_float(source.data[i]));
+  const auto sum = [](float a, float c) { return a + c; };
+  return {block_allreduce<kVerifyThreads>(mass, [](unsigned long long a, unsigned long long c) { return a + c; },
+                                          sh.scratch_mass),
+          block_allreduce<kVerifyThreads>(moment1, sum, sh.scratch_float),
+          block_allreduce<kVerifyThreads>(moment2, sum, sh.scratch_float)};
 }
 
 // Grid (kFilterCluster * B, K + 1), clusters of kFilterCluster blocks along x: the cluster
@@ -863,7 +899,6 @@ __global__ void __launch_bounds__(kVerifyThreads) verify_filter_kernel(const T* 
                          static_cast<int>(filter_list_capacity(p.vocab)), -1};
   const T* row = target_logits + (p.target_offset[b] + j) * p.target_stride + start;
 
-  if (threadIdx.x == 0) sh.list_size = 0;
   // The portion into shared memory, 16 bytes at a time where the row allows, and its max.
   constexpr int kVec = RowChunks<T>::kVec;
   float thread_max = -INFINITY;
@@ -884,8 +919,8 @@ __global__ void __launch_bounds__(kVerifyThreads) verify_filter_kernel(const T* 
   // The top-k guess (see filter_list_above): this warp's j-th largest thread maximum.
   const bool guess_k = k_on && top_k <= int64_t{kFilterGuessRanks} * 32;
   if (guess_k) {
-    const int j = static_cast<int>((top_k + kFilterGuessRanks - 1) / kFilterGuessRanks);
-    const float warp_guess = __shfl_sync(0xFFFFFFFFu, warp_sort_descending(thread_max), j - 1);
+    const int nth = static_cast<int>((top_k + kFilterGuessRanks - 1) / kFilterGuessRanks);
+    const float warp_guess = __shfl_sync(0xFFFFFFFFu, warp_sort_descending(thread_max), nth - 1);
     if (threadIdx.x % 32 == 0) sh.warp_guess[threadIdx.x / 32] = warp_guess;
   }
   const auto max_of = [](float a, float c) { return fmaxf(a, c); };
@@ -913,29 +948,51 @@ __global__ void __launch_bounds__(kVerifyThreads) verify_filter_kernel(const T* 
     const int mass_exponent = mass_scale_exponent(p.vocab);
     const float unit = ldexpf(1.f, mass_exponent);
     unsigned long long total = 0;
-    if (!k_on) {  // top-p alone: the row's mass, the reference of the limit and of the guess
-      const unsigned long long block_total = portion_mass(source, sh, row_max, scale, unit);
-      if (threadIdx.x == 0) sh.block_total = block_total;
+    float fallback_guess = -INFINITY;  // a second, lower guess (top-p alone)
+    if (!k_on) {  // top-p alone: the row's mass, the reference of the limit and of the guesses
+      const PortionMass block = portion_mass(source, sh, row_max, scale, unit);
+      if (threadIdx.x == 0) {
+        sh.block_total = block.mass;
+        sh.block_moments[0] = block.moment1;
+        sh.block_moments[1] = block.moment2;
+      }
       cluster.sync();
-      for (unsigned r = 0; r < kFilterCluster; ++r) total += cluster.map_shared_rank(&sh, r)->block_total;
-      const float eps = (1.f - top_p) * fixed_to_float(total, mass_exponent) / (2.f * static_cast<float>(p.vocab));
-      guess = fminf(row_max, row_max + fast_log2(eps) / scale);  // -inf if eps underflows: no guess
+      float moment1 = 0.f, moment2 = 0.f;
+      for (unsigned r = 0; r < kFilterCluster; ++r) {  // rank order
+        const FilterShared* other = cluster.map_shared_rank(&sh, r);
+        total += other->block_total;
+        moment1 += other->block_moments[0];
+        moment2 += other->block_moments[1];
+      }
+      const float z = fixed_to_float(total, mass_exponent);  // >= 1: the max weighs 1
+      const float eps = (1.f - top_p) * z / (2.f * static_cast<float>(p.vocab));
+      const float safe = fminf(row_max, row_max + fast_log2(eps) / scale);  // -inf if eps underflows
+      const float mean = moment1 / z;
+      const float sd = sqrtf(fmaxf(moment2 / z - mean * mean, 0.f));
+      const float normal = fminf(row_max, row_max + (mean - (normal_quantile(top_p) + 0.5f) * sd) / scale);
+      guess = normal > safe ? normal : safe;  // a NaN sd (top_p <= 0, sd 0) gives the max: right
+      fallback_guess = normal > safe ? safe : -INFINITY;
     }
-    if (guess > -INFINITY) {  // the same in every block
-      filter_list_above(source, sh, guess, !k_on, row_max, scale, unit);
+    for (int attempt = 0; attempt < 2 && guess > -INFINITY; ++attempt) {  // the same in every block
+      filter_list_above(source, sh, attempt, guess, !k_on, row_max, scale, unit);
       cluster.sync();  // every block's count and mass of its elements >= guess
       uint64_t listed = 0;
       unsigned long long listed_mass = 0;
       bool fits = true;
       for (unsigned r = 0; r < kFilterCluster; ++r) {
         const FilterShared* other = cluster.map_shared_rank(&sh, r);
-        listed += other->listed;
-        listed_mass += other->listed_mass;
-        fits = fits && other->listed <= static_cast<uint32_t>(source.capacity);
+        listed += other->listed[attempt];
+        listed_mass += other->listed_mass[attempt];
+        fits = fits && other->listed[attempt] <= static_cast<uint32_t>(source.capacity);
       }
+      // (The top-k guess always covers, by construction; checked all the same.)
       const bool covered = k_on ? listed >= static_cast<uint64_t>(top_k)
                                 : fixed_to_float(listed_mass, mass_exponent) >= top_p_limit(top_p, total, mass_exponent);
-      if (fits && covered) source.size = static_cast<int>(sh.listed);
+      if (fits && covered) {
+        source.size = static_cast<int>(sh.listed[attempt]);
+        break;
+      }
+      guess = fits ? fallback_guess : -INFINITY;  // a list too long: a lower guess lists more
     }
     if (k_on) threshold = filter_threshold(source, sh, scale, row_max, -INFINITY, false, top_k, 0.f, p.vocab);
     if (top_p < 1.f)
