@@ -72,8 +72,8 @@ float filter_threshold(const std::vector<float>& x, float scale, int32_t top_k, 
 // The row passes are vectorised (verify_rows.h): sanitise (and the max) into a float32
 // copy, then the weights and their sum from it; the top-k/top-p threshold in between sorts
 // a copy of it. (Reading the raw row twice instead, max then weights, widens and sanitises
-// every element twice: measured slower for bf16 on an AVX-512 CPU, where these passes are
-// compute-bound.)
+// every element twice: measured slower for bf16 on an AVX-512 CPU, with Sleef's exp2 and
+// again with the polynomial one.)
 template <typename scalar_t>
 void build_distribution(const scalar_t* logits, int64_t vocab, float scale, int32_t top_k, float top_p,
                         RowDistribution& dist) {
