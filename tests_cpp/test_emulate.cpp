@@ -105,6 +105,21 @@ __global__ void atomic_kernel(unsigned long long* total, unsigned* counts) {
   if (threadIdx.x < 4) counts[4 * blockIdx.x + threadIdx.x] = histogram[threadIdx.x];
 }
 
+// The threadfence reduction: every block writes its partial, fences, counts itself in;
+// the last block to count reads all the partials (under ThreadSanitizer: no race).
+__global__ void fence_reduction_kernel(unsigned* partials, unsigned* finished, unsigned* sum) {
+  if (threadIdx.x == 0) {
+    partials[blockIdx.x] = blockIdx.x + 1;
+    __threadfence();
+    if (atomicAdd(finished, 1u) == gridDim.x - 1) {
+      __threadfence();
+      unsigned total = 0;
+      for (unsigned b = 0; b < gridDim.x; ++b) total += static_cast<const volatile unsigned*>(partials)[b];
+      *sum = total;
+    }
+  }
+}
+
 __global__ void shared_garbage_kernel(unsigned* out) {
   __shared__ unsigned never_written[2];
   if (threadIdx.x == 0) out[blockIdx.x] = never_written[blockIdx.x % 2];
@@ -418,6 +433,14 @@ void test_atomics_and_groups() {
   for (int i = 0; i < 4; ++i) ok &= counts[i] == 32u && counts[4 + i] == 32u && counts[8 + i] == 64u;
   check(ok, "atomicAdd on shared and global memory; labeled_partition of coalesced_threads", "total %llu c0 %u g0 %u",
         total, counts[0], counts[8]);
+}
+
+void test_threadfence_reduction() {
+  std::vector<unsigned> partials(64, 0);
+  unsigned finished = 0, sum = 0;
+  emu::launch("fence_reduction_kernel", fence_reduction_kernel, dim3(64), dim3(32), partials.data(), &finished, &sum);
+  check(sum == 64u * 65u / 2u && finished == 64u, "threadfence reduction: the last block reads every partial",
+        "sum %u finished %u", sum, finished);
 }
 
 void test_shared_memory_is_private_per_block() {
@@ -785,6 +808,7 @@ int main(int argc, char** argv) {
   test_shuffles();
   test_votes();
   test_atomics_and_groups();
+  test_threadfence_reduction();
   test_shared_memory_is_private_per_block();
   test_errors();
   test_clusters();

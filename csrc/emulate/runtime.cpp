@@ -1059,6 +1059,16 @@ void warp_exchange(const char* what, unsigned mask, const void* mine, std::size_
   block.meetings.leave(meeting);
 }
 
+char fence_token;  // ThreadSanitizer's sync object of __threadfence
+
+void thread_fence() {
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  if (__tsan_release) {
+    __tsan_release(&fence_token);
+    __tsan_acquire(&fence_token);
+  }
+}
+
 void fail(const std::string& message, Location where) {
   // (the message was built by the caller, which is the kernel's business)
   if (tls_fiber == nullptr) throw Error("dspark emulation: " + message + " at " + where_string(where));

@@ -917,7 +917,10 @@ __global__ void __launch_bounds__(kVerifyThreads) verify_filter_kernel(const T* 
     thread_max = fmaxf(thread_max, sanitize_logit(to_float(row[i])));
   }
   // The top-k guess (see filter_list_above): this warp's j-th largest thread maximum.
-  const bool guess_k = k_on && top_k <= int64_t{kFilterGuessRanks} * 32;
+  // Guesses only where every thread holds a chunk of the row (V >= 16384 bf16 / 8192 float):
+  // shorter rows are cheap for the radix passes, and the top-k guess needs all warps' maxima.
+  const bool long_row = portion >= int64_t{kVerifyThreads} * kVec;
+  const bool guess_k = long_row && k_on && top_k > 1 && top_k <= int64_t{kFilterGuessRanks} * 32;  // k = 1: the max
   if (guess_k) {
     const int nth = static_cast<int>((top_k + kFilterGuessRanks - 1) / kFilterGuessRanks);
     const float warp_guess = __shfl_sync(0xFFFFFFFFu, warp_sort_descending(thread_max), nth - 1);
@@ -947,56 +950,61 @@ __global__ void __launch_bounds__(kVerifyThreads) verify_filter_kernel(const T* 
   if (row_max != -INFINITY) {
     const int mass_exponent = mass_scale_exponent(p.vocab);
     const float unit = ldexpf(1.f, mass_exponent);
-    unsigned long long total = 0;
-    float fallback_guess = -INFINITY;  // a second, lower guess (top-p alone)
-    if (!k_on) {  // top-p alone: the row's mass, the reference of the limit and of the guesses
-      const PortionMass block = portion_mass(source, sh, row_max, scale, unit);
-      if (threadIdx.x == 0) {
-        sh.block_total = block.mass;
-        sh.block_moments[0] = block.moment1;
-        sh.block_moments[1] = block.moment2;
+    if (k_on && top_k == 1) {
+      // The max and its ties: top-p keeps all of this set (its most likely tokens).
+      threshold = row_max;
+    } else {
+      unsigned long long total = 0;
+      float fallback_guess = -INFINITY;  // a second, lower guess (top-p alone)
+      if (!k_on && long_row) {  // top-p alone: the row's mass, the reference of the limit and of the guesses
+        const PortionMass block = portion_mass(source, sh, row_max, scale, unit);
+        if (threadIdx.x == 0) {
+          sh.block_total = block.mass;
+          sh.block_moments[0] = block.moment1;
+          sh.block_moments[1] = block.moment2;
+        }
+        cluster.sync();
+        float moment1 = 0.f, moment2 = 0.f;
+        for (unsigned r = 0; r < kFilterCluster; ++r) {  // rank order
+          const FilterShared* other = cluster.map_shared_rank(&sh, r);
+          total += other->block_total;
+          moment1 += other->block_moments[0];
+          moment2 += other->block_moments[1];
+        }
+        const float z = fixed_to_float(total, mass_exponent);  // >= 1: the max weighs 1
+        const float eps = (1.f - top_p) * z / (2.f * static_cast<float>(p.vocab));
+        const float safe = fminf(row_max, row_max + fast_log2(eps) / scale);  // -inf if eps underflows
+        const float mean = moment1 / z;
+        const float sd = sqrtf(fmaxf(moment2 / z - mean * mean, 0.f));
+        const float normal = fminf(row_max, row_max + (mean - (normal_quantile(top_p) + 0.5f) * sd) / scale);
+        guess = normal > safe ? normal : safe;  // a NaN sd (top_p <= 0, sd 0) gives the max: right
+        fallback_guess = normal > safe ? safe : -INFINITY;
       }
-      cluster.sync();
-      float moment1 = 0.f, moment2 = 0.f;
-      for (unsigned r = 0; r < kFilterCluster; ++r) {  // rank order
-        const FilterShared* other = cluster.map_shared_rank(&sh, r);
-        total += other->block_total;
-        moment1 += other->block_moments[0];
-        moment2 += other->block_moments[1];
+      for (int attempt = 0; attempt < 2 && guess > -INFINITY; ++attempt) {  // the same in every block
+        filter_list_above(source, sh, attempt, guess, !k_on, row_max, scale, unit);
+        cluster.sync();  // every block's count and mass of its elements >= guess
+        uint64_t listed = 0;
+        unsigned long long listed_mass = 0;
+        bool fits = true;
+        for (unsigned r = 0; r < kFilterCluster; ++r) {
+          const FilterShared* other = cluster.map_shared_rank(&sh, r);
+          listed += other->listed[attempt];
+          listed_mass += other->listed_mass[attempt];
+          fits = fits && other->listed[attempt] <= static_cast<uint32_t>(source.capacity);
+        }
+        // (The top-k guess always covers, by construction; checked all the same.)
+        const bool covered = k_on ? listed >= static_cast<uint64_t>(top_k)
+                                  : fixed_to_float(listed_mass, mass_exponent) >= top_p_limit(top_p, total, mass_exponent);
+        if (fits && covered) {
+          source.size = static_cast<int>(sh.listed[attempt]);
+          break;
+        }
+        guess = fits ? fallback_guess : -INFINITY;  // a list too long: a lower guess lists more
       }
-      const float z = fixed_to_float(total, mass_exponent);  // >= 1: the max weighs 1
-      const float eps = (1.f - top_p) * z / (2.f * static_cast<float>(p.vocab));
-      const float safe = fminf(row_max, row_max + fast_log2(eps) / scale);  // -inf if eps underflows
-      const float mean = moment1 / z;
-      const float sd = sqrtf(fmaxf(moment2 / z - mean * mean, 0.f));
-      const float normal = fminf(row_max, row_max + (mean - (normal_quantile(top_p) + 0.5f) * sd) / scale);
-      guess = normal > safe ? normal : safe;  // a NaN sd (top_p <= 0, sd 0) gives the max: right
-      fallback_guess = normal > safe ? safe : -INFINITY;
+      if (k_on) threshold = filter_threshold(source, sh, scale, row_max, -INFINITY, false, top_k, 0.f, p.vocab);
+      if (top_p < 1.f)
+        threshold = filter_threshold(source, sh, scale, row_max, threshold, true, 0, top_p, p.vocab, k_on ? 0ull : total);
     }
-    for (int attempt = 0; attempt < 2 && guess > -INFINITY; ++attempt) {  // the same in every block
-      filter_list_above(source, sh, attempt, guess, !k_on, row_max, scale, unit);
-      cluster.sync();  // every block's count and mass of its elements >= guess
-      uint64_t listed = 0;
-      unsigned long long listed_mass = 0;
-      bool fits = true;
-      for (unsigned r = 0; r < kFilterCluster; ++r) {
-        const FilterShared* other = cluster.map_shared_rank(&sh, r);
-        listed += other->listed[attempt];
-        listed_mass += other->listed_mass[attempt];
-        fits = fits && other->listed[attempt] <= static_cast<uint32_t>(source.capacity);
-      }
-      // (The top-k guess always covers, by construction; checked all the same.)
-      const bool covered = k_on ? listed >= static_cast<uint64_t>(top_k)
-                                : fixed_to_float(listed_mass, mass_exponent) >= top_p_limit(top_p, total, mass_exponent);
-      if (fits && covered) {
-        source.size = static_cast<int>(sh.listed[attempt]);
-        break;
-      }
-      guess = fits ? fallback_guess : -INFINITY;  // a list too long: a lower guess lists more
-    }
-    if (k_on) threshold = filter_threshold(source, sh, scale, row_max, -INFINITY, false, top_k, 0.f, p.vocab);
-    if (top_p < 1.f)
-      threshold = filter_threshold(source, sh, scale, row_max, threshold, true, 0, top_p, p.vocab, k_on ? 0ull : total);
     // The kept mass and, for the bonus row, the race among the kept tokens; a chunk none of
     // whose elements reaches the threshold costs its max only.
     float kept_mass = 0.f;

@@ -354,9 +354,16 @@ inline float __logf(float x) { return std::log(x); }
 inline float __fdividef(float a, float b) { return a / b; }
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 
-inline void __threadfence() {}
+// __threadfence: a full fence, and for ThreadSanitizer (which ignores standalone fences) a
+// release and an acquire on one sync object, so that the threadfence-reduction pattern
+// (write; fence; atomic count | atomic count; fence; read what the others wrote) orders the
+// write before the read, as the fence and the atomic do on a GPU.
+namespace dspark::emulate {
+void thread_fence();
+}
+inline void __threadfence() { ::dspark::emulate::thread_fence(); }
 inline void __threadfence_block() {}
-inline void __threadfence_cluster() {}
+inline void __threadfence_cluster() { ::dspark::emulate::thread_fence(); }
 
 // CUDA's min/max overloads of device code, for any pair of arithmetic types (floats as
 // fminf/fmaxf: a NaN operand loses).
