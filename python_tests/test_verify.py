@@ -668,7 +668,10 @@ def _place(probe: dict, others: dict, position: int):
 
 
 @pytest.mark.parametrize("dtype", ["f32", "bf16"])
-@pytest.mark.parametrize("full", [True, False], ids=["num_draft=K", "num_draft=random"])
+@pytest.mark.parametrize("full", [
+    pytest.param(True, id="num_draft=K"),
+    pytest.param(False, id="num_draft=random",
+                 marks=pytest.mark.no_emulation("num_draft=K covers the emulation (minutes a case there)"))])
 def test_batch_invariance_and_determinism(device, dtype, full):
     k, vocab = 4, 96
     probes = random_batch(101, 6, k, vocab, DTYPES[dtype], "padded", True, True, True,
