@@ -7,8 +7,11 @@ No GPU needed: the cubins are extracted from the extension (cuobjdump -xelf), th
 disassembled with line information (nvdisasm -g -c; the CUDA build passes -lineinfo).
 A loop is a backward branch; it is named by the source line of that branch (the loop's
 `for`) and counted as every instruction between its target label and the branch,
-inner loops and rarely taken paths included: an upper bound of what one iteration
-executes, and exact for a straight-line body. Elements per iteration come from the
+inner loops and rarely taken paths included (an upper bound of what one iteration
+executes, and exact for a straight-line body), except the instructions a warp-uniform
+branch on a vote skips (warp_rare_regions: the filter's passes that look at a chunk's max
+and process its elements only when a lane's chunk reaches the bound): those are counted
+in the "rare path" column, and instructions per element are those of the hot path. Elements per iteration come from the
 table LOOP_ELEMENTS below (source line -> elements one thread handles per iteration).
 
 --check enforces the BUDGETS marked enforced (instructions per element of named loops in
@@ -38,8 +41,9 @@ LOOP_ELEMENTS = [
     # and the copy of the portion into shared memory (unroll 4 of 16-byte chunks)
     ("verify.cuh", "for (int base = 0; base < n; base += kVerifyThreads)", lambda size: 2),
     ("verify.cuh", "for (int c = threadIdx.x; c < chunks; c += kVerifyThreads)", lambda size: 4 * 16 // size),
-    # the guessed list pass (one chunk), the portion's mass and the kept mass (unroll 2)
+    # the guessed list pass and the kept mass (one chunk), the portion's mass (unroll 2)
     ("verify.cuh", "for (int base = 0; base < chunks; base += kVerifyThreads)", lambda size: 16 // size),
+    ("verify.cuh", "for (int base = 0; base < full_chunks; base += kVerifyThreads)", lambda size: 16 // size),
     ("verify.cuh", "for (int c = threadIdx.x; c < full_chunks; c += kVerifyThreads)", lambda size: 2 * 16 // size),
 ]
 
@@ -225,6 +229,7 @@ def analyse(so: str, kernel_filter: str | None, all_loops: bool):
                 base = dict(kernel=kernel, registers=info.get("registers"), stack=info.get("stack"),
                             instructions=count)
                 found = []
+                rare = warp_rare_regions(body)
                 for start, end, file, line, site in loops(body):
                     text = source_line(file, line)
                     called = "" if site is None else f"{os.path.basename(site[0])}:{site[1]}"
@@ -233,17 +238,18 @@ def analyse(so: str, kernel_filter: str | None, all_loops: bool):
                     if site is not None:
                         budget_name = (budget_mark(*site) or ("", None))[0]
                     n = sum(1 for entry in body[start:end + 1] if entry[3])
+                    n_rare = sum(1 for i in range(start, end + 1) if body[i][3] and i in rare)
                     per = None
                     for suffix, pattern, elements in LOOP_ELEMENTS:
                         if file.endswith(suffix) and pattern in text and size:
-                            per = n / elements(size)
+                            per = (n - n_rare) / elements(size)
                     if per is not None or all_loops:
                         found.append(dict(base, loop=f"{os.path.basename(file)}:{line}", loop_text=text[:48],
                                           call=called, call_text=call_text.split("//")[0].strip()[:56],
-                                          budget=budget_name, loop_instructions=n, per_element=per))
+                                          budget=budget_name, loop_instructions=n, per_element=per,
+                                          rare_instructions=n_rare))
                 # Straight-line call sites marked with an element count; the instructions
                 # of warp-uniform rare branches (warp_rare_regions) are counted apart.
-                rare = warp_rare_regions(body)
                 marked: dict[tuple, list[int]] = {}
                 for i, (_, file, line, text, site) in enumerate(body):
                     if text:

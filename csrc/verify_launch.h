@@ -5,7 +5,9 @@
 // on a GPU, dspark::emulate::launch in the emulation; `launch.cluster(name, kernel, grid,
 // block, cluster, dynamic_shared_bytes, args...)` runs one in thread-block clusters, and
 // `launch.cluster_shared_limit(kernel)` is the dynamic shared memory a block of it may have
-// (0: no clusters for it here). Include after the kernel's toolchain
+// (0: no clusters for it here); `launch.dependent(...)`, as `launch(...)`, runs a kernel
+// that may start before the previous one has finished (programmatic dependent launch on
+// sm_90, see grid_dependency_wait; a plain launch elsewhere). Include after the kernel's toolchain
 // (CUDA or dspark/emulate/device.h).
 #pragma once
 
@@ -35,11 +37,12 @@ void launch_verify_kernels(const T* target, const std::optional<at::Tensor>& dra
     const T* draft = reinterpret_cast<const T*>(draft_logits->data_ptr());
     launch("verify_slices_kernel", verify_slices_kernel<T, true>, slice_grid, block, target, draft, params);
     filter();
-    launch("verify_finish_kernel", verify_finish_kernel<T, true>, finish_grid, block, target, draft, params);
+    launch.dependent("verify_finish_kernel", verify_finish_kernel<T, true>, finish_grid, block, target, draft, params);
   } else {
     launch("verify_slices_kernel", verify_slices_kernel<T, false>, slice_grid, block, target, nullptr, params);
     filter();
-    launch("verify_finish_kernel", verify_finish_kernel<T, false>, finish_grid, block, target, nullptr, params);
+    launch.dependent("verify_finish_kernel", verify_finish_kernel<T, false>, finish_grid, block, target, nullptr,
+                     params);
   }
 }
 

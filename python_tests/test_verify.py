@@ -257,14 +257,17 @@ def test_filtered_rows_guessed_lists(device, dtype):
     or fails and the kernel falls back to the radix passes over the whole row: k > 2048,
     a flat row whose ties fill the list, top-p with a flat row; and a top-p row whose
     mass sits on two levels, where the first top-p guess (from the mass moments) misses
-    mass and the second (the tail bound) is taken. Every request must equal the reference
-    (on the CPU the same cases test the CPU kernel)."""
-    vocab, batch = 17000, 13
+    mass and the second (the tail bound) is taken; rows with NaN, -inf and +inf logits
+    (the kernel takes maxima of unsanitized chunks and clamps t instead of the logits).
+    Every request must equal the reference (on the CPU the same cases test the CPU kernel)."""
+    vocab, batch = 17000, 16
     inputs = random_batch(23, batch, 2, vocab, DTYPES[dtype], "padded", True, True, True, greedy_frac=0.0)
-    inputs["temperature"] = torch.tensor([1.0, 0.7, 1.3, 1.0, 0.8, 1.0, 1.0, 1.0, 1.0, 0.6, 1.0, 1.2, 1.0])
+    inputs["temperature"] = torch.tensor([1.0, 0.7, 1.3, 1.0, 0.8, 1.0, 1.0, 1.0, 1.0, 0.6, 1.0, 1.2, 1.0,
+                                          0.9, 1.0, 1.1])
     #            guess: k   k     k     none  p    k,p   flat k flat p  p=0   p,-inf  k=64 p  two levels p
-    top_k = torch.tensor([50, 1, 2048, 3000, 0, 200, 10, 0, 0, 0, 64, 0, 0], dtype=torch.int32)
-    top_p = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.9, 0.8, 1.0, 0.95, 0.0, 0.7, 0.5, 0.99, 0.9])
+    #                   NaN/-inf p, NaN/+inf k, +inf p
+    top_k = torch.tensor([50, 1, 2048, 3000, 0, 200, 10, 0, 0, 0, 64, 0, 0, 0, 40, 0], dtype=torch.int32)
+    top_p = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.9, 0.8, 1.0, 0.95, 0.0, 0.7, 0.5, 0.99, 0.9, 0.9, 1.0, 0.5])
     inputs["top_k"], inputs["top_p"] = top_k, top_p
     rows = inputs["target_logits"].view(batch, 3, vocab)
     rows[6] = torch.where(torch.isnan(rows[6].float()), rows[6].float(), 0.0).to(rows.dtype)  # flat: ties
@@ -276,6 +279,14 @@ def test_filtered_rows_guessed_lists(device, dtype):
     two_levels[torch.arange(722) * 23 + 5] = -12 * math.log(2.0)
     two_levels[3] = 0.0
     rows[12] = torch.where(torch.isnan(rows[12].float()), rows[12].float(), two_levels).to(rows.dtype)
+    g = torch.Generator().manual_seed(5)
+    for r, (nan, minus, plus) in {13: (0.05, 0.05, 0), 14: (0.05, 0.0, 3), 15: (0.0, 0.0, 2)}.items():
+        row = rows[r].float()
+        row[torch.rand(row.shape, generator=g) < nan] = NAN
+        row[torch.rand(row.shape, generator=g) < minus] = -float("inf")
+        row[:, torch.randperm(vocab, generator=g)[:plus]] = float("inf")
+        rows[r] = row.to(rows.dtype)
+    rows[15, :, 777] = 3e38  # finite, above the clamp (FLT_MAX / 2): ties with the +inf
     ref_out, ref_acc = call_ref(inputs)
     out, acc = call_op(inputs, device)
     check_structure(out, acc, inputs)

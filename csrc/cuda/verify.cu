@@ -20,6 +20,29 @@ struct CudaLaunch {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
+  // A kernel whose blocks may be scheduled before the previous kernel of the stream has
+  // finished (cudaLaunchAttributeProgrammaticStreamSerialization; the kernel calls
+  // grid_dependency_wait before it reads what that kernel wrote): the launch latency and the
+  // previous kernel's last wave overlap. A plain launch before sm_90.
+  template <typename... Params, typename... Args>
+  void dependent(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block, Args... args) const {
+    int device = 0, major = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    if (major < 9) return (*this)(name, kernel, grid, block, args...);
+    cudaLaunchAttribute attribute{};
+    attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute.val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t config{};
+    config.gridDim = grid;
+    config.blockDim = block;
+    config.dynamicSmemBytes = 0;
+    config.stream = stream;
+    config.attrs = &attribute;
+    config.numAttrs = 1;
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args...));
+  }
+
   // Dynamic shared memory a block of `kernel` may have in a cluster launch: 0 where the
   // device has no clusters or the kernel was not compiled for sm_90 or later (PTX of an
   // older architecture, JIT-compiled here, would trap).

@@ -27,6 +27,12 @@ struct EmulatedLaunch {
     emulate::launch(name, kernel, grid, block, args...);
   }
 
+  // Launches run one after another here: a dependent launch is a plain one.
+  template <typename Kernel, typename... Args>
+  void dependent(const char* name, Kernel kernel, dim3 grid, dim3 block, Args... args) const {
+    emulate::launch(name, kernel, grid, block, args...);
+  }
+
   template <typename Kernel>
   size_t cluster_shared_limit(Kernel) const {
     const char* off = std::getenv("DSPARK_EMULATE_NO_CLUSTERS");

@@ -908,49 +908,41 @@ void run_kernel(const char* kernel_name, dim3 grid, dim3 block_dim, dim3 cluster
   stacks.end_tsan_threads();
 }
 
-void syncthreads(Location where) {
-  Block& block = *tls_block;
+// A barrier of all `count` threads of a block (__syncthreads) or cluster (cluster_sync):
+// `pending` is the group's barrier in progress (null when none), `pool` its meeting pool.
+// Arrival releases and departure acquires for ThreadSanitizer, as the hardware barrier
+// orders memory.
+void meet_at_barrier(Meeting*& pending, MeetingPools& meetings, unsigned pool, const char* what, const char* group, int count,
+             Location where) {
   Fiber& self = *tls_fiber;
-  if (!block.barrier) {
-    block.barrier = block.meetings.get(static_cast<unsigned>(block.warp_meetings.size()), "__syncthreads",
-                                       /*barrier=*/true, 0, where, 0, static_cast<int>(block.num_threads));
-  } else if (!same_location(block.barrier->where, where)) {
-    DSPARK_FAIL_HERE("__syncthreads at " + where_string(where) + " while other threads of the block wait at __syncthreads at " +
-              where_string(block.barrier->where) + " (divergent barrier)");
+  if (!pending) {
+    pending = meetings.get(pool, what, /*barrier=*/true, 0, where, 0, count);
+  } else if (!same_location(pending->where, where)) {
+    DSPARK_FAIL_HERE(std::string(what) + " at " + where_string(where) + " while other threads of the " + group +
+                     " wait at " + what + " at " + where_string(pending->where) + " (divergent barrier)");
   }
-  Meeting* meeting = block.barrier;
+  Meeting* meeting = pending;
   if (__tsan_release) __tsan_release(meeting);
-  if (++meeting->arrived == static_cast<int>(block.num_threads)) {
-    block.barrier = nullptr;
+  if (++meeting->arrived == count) {
+    pending = nullptr;
     complete(*meeting);
   } else {
     wait_in(*meeting, self);
   }
   if (__tsan_acquire) __tsan_acquire(meeting);
-  block.meetings.leave(meeting);
+  meetings.leave(meeting);
+}
+
+void syncthreads(Location where) {
+  Block& block = *tls_block;
+  meet_at_barrier(block.barrier, block.meetings, static_cast<unsigned>(block.warp_meetings.size()), "__syncthreads", "block",
+          static_cast<int>(block.num_threads), where);
 }
 
 void cluster_sync(Location where) {
   require_kernel("cluster_sync");
   Cluster& cluster = *tls_cluster;
-  Fiber& self = *tls_fiber;
-  if (!cluster.barrier) {
-    cluster.barrier = cluster.meetings.get(0, "cluster_sync", /*barrier=*/true, 0, where, 0, cluster.num_threads);
-  } else if (!same_location(cluster.barrier->where, where)) {
-    DSPARK_FAIL_HERE("cluster_sync at " + where_string(where) +
-                     " while other threads of the cluster wait at cluster_sync at " +
-                     where_string(cluster.barrier->where) + " (divergent barrier)");
-  }
-  Meeting* meeting = cluster.barrier;
-  if (__tsan_release) __tsan_release(meeting);
-  if (++meeting->arrived == cluster.num_threads) {
-    cluster.barrier = nullptr;
-    complete(*meeting);
-  } else {
-    wait_in(*meeting, self);
-  }
-  if (__tsan_acquire) __tsan_acquire(meeting);
-  cluster.meetings.leave(meeting);
+  meet_at_barrier(cluster.barrier, cluster.meetings, 0, "cluster_sync", "cluster", cluster.num_threads, where);
 }
 
 void* dynamic_shared_memory() {

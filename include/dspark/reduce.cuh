@@ -51,6 +51,62 @@ __device__ __forceinline__ void unpack_chunk(const uint4& raw, float (&out)[RowC
   }
 }
 
+// The running maximum of 16-byte chunks of T, NaN skipped (NaN only when every value is),
+// not sanitized: sanitize_logit is monotone, so sanitize_logit of this max is the max of
+// the sanitized values. 16-bit types keep a packed pair (max.bf16x2 / max.f16x2 return the
+// non-NaN operand, like fmaxf), folding a chunk's four words in four instructions: half an
+// instruction a value where unpacking and fmaxf take two.
+template <typename T>
+struct ChunkMax {
+  static constexpr bool kPacked = !std::is_same_v<T, float>;
+  using Pair = std::conditional_t<std::is_same_v<T, __half>, __half2, __nv_bfloat162>;
+  uint32_t pair = std::is_same_v<T, __half> ? 0xFC00FC00u : 0xFF80FF80u;  // -inf, -inf
+  float value = -INFINITY;
+
+  __device__ __forceinline__ static uint32_t max2(uint32_t a, uint32_t b) {
+    Pair x, y;
+    memcpy(static_cast<void*>(&x), &a, sizeof(a));
+    memcpy(static_cast<void*>(&y), &b, sizeof(b));
+    const Pair m = __hmax2(x, y);
+    uint32_t out;
+    memcpy(&out, static_cast<const void*>(&m), sizeof(out));
+    return out;
+  }
+  __device__ __forceinline__ void add(const uint4& raw) {
+    if constexpr (kPacked) {
+      pair = max2(pair, max2(max2(raw.x, raw.y), max2(raw.z, raw.w)));
+    } else {
+      value = fmaxf(value, fmaxf(fmaxf(__uint_as_float(raw.x), __uint_as_float(raw.y)),
+                                 fmaxf(__uint_as_float(raw.z), __uint_as_float(raw.w))));
+    }
+  }
+  __device__ __forceinline__ void add(float x) { value = fmaxf(value, x); }
+  __device__ __forceinline__ static float pair_max(uint32_t pair) {
+    T halves[2];
+    memcpy(static_cast<void*>(halves), &pair, sizeof(pair));
+    return fmaxf(to_float(halves[0]), to_float(halves[1]));
+  }
+  __device__ __forceinline__ float get() const {
+    if constexpr (kPacked) {
+      return fmaxf(value, pair_max(pair));
+    } else {
+      return value;
+    }
+  }
+};
+
+// The largest value of one chunk (see ChunkMax).
+template <typename T>
+__device__ __forceinline__ float chunk_max(const uint4& raw) {
+  using M = ChunkMax<T>;
+  if constexpr (M::kPacked) {
+    return M::pair_max(M::max2(M::max2(raw.x, raw.y), M::max2(raw.z, raw.w)));
+  } else {
+    return fmaxf(fmaxf(__uint_as_float(raw.x), __uint_as_float(raw.y)),
+                 fmaxf(__uint_as_float(raw.z), __uint_as_float(raw.w)));
+  }
+}
+
 template <typename T>
 __device__ __forceinline__ void load_chunk(const T* row, int64_t chunk, int64_t vocab, bool vector_load,
                                            float (&out)[RowChunks<T>::kVec]) {
@@ -67,6 +123,26 @@ __device__ __forceinline__ void load_chunk(const T* row, int64_t chunk, int64_t 
 }
 
 __device__ __forceinline__ bool is_aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
+
+// Programmatic dependent launch (sm_90). A kernel launched as a dependent (the launchers'
+// `dependent`) may start before the previous kernel of the stream has finished: its
+// grid_dependency_wait() returns once that kernel has completed and its writes are
+// visible, so it precedes every access to what the previous kernel writes. The previous
+// kernel's allow_dependents() lets the dependent's blocks be scheduled once every one of
+// its own blocks has run it (so they only take what is left of the GPU; without it, when
+// its blocks exit). Both are no-ops before sm_90, for a kernel not launched as a
+// dependent, and in the emulation (whose launches run one after another).
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void allow_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
 
 // Calls fn(v, value) for every element v of a row. Two chunks per iteration, both loads
 // issued before either is used, to keep more bytes in flight.

@@ -344,6 +344,14 @@ struct RaceLeader {
 
 __device__ __forceinline__ RaceLeader race_start() { return {0.f, -1, 0.f, 0.f}; }
 
+// The test's bound and cut for B = max(best, the B so far) (B never decreases: a seed
+// from another thread may exceed the warp's own best).
+__device__ __forceinline__ RaceLeader race_bound(RaceLeader leader, float best) {
+  leader.bound = fmaxf(leader.bound, best * (0x1p-32f / (0.69314718f * (1.f + 0x1p-8f))));
+  leader.cut = (0x1p32f - 1024.f) * leader.bound;
+  return leader;
+}
+
 __device__ __forceinline__ bool race_candidate(float r, uint32_t word, const RaceLeader& leader) {
   return fmaf(static_cast<float>(word), leader.bound, r) >= leader.cut;
 }
@@ -369,13 +377,43 @@ __device__ __noinline__ inline RaceLeader race_group(RaceLeader leader, float r0
   float warp_best = leader.key;
 #pragma unroll
   for (int mask = 16; mask > 0; mask >>= 1) warp_best = fmaxf(warp_best, shfl_xor(warp_best, mask));
-  leader.bound = warp_best * (0x1p-32f / (0.69314718f * (1.f + 0x1p-8f)));
-  leader.cut = (0x1p32f - 1024.f) * leader.bound;
-  return leader;
+  return race_bound(leader, warp_best);
+}
+
+// The seed of B at a warp's first race step (where B = 0 admits every element): of each
+// lane's eight elements, the one whose key can be largest (r / (~c + 1/2) largest: the
+// bound of the test), evaluated exactly (the key race_group computes for it, bit for bit),
+// and B = their maximum over the warp. The element holding it is a candidate at every B up
+// to its key, so it is evaluated and the winner's key is at least B. One exact key a lane
+// instead of eight; race_group then evaluates only the few elements above the seed.
+__device__ __forceinline__ RaceLeader race_seed(RaceLeader leader, const float (&r)[2][4], const Philox4 (&words)[2],
+                                                const int (&first)[2], int one_hot) {
+  float best_bound = 0.f, best_residual = 0.f;
+  uint32_t best_word = 0u;
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float residual = fmaxf(first[h] + e == one_hot ? r[h][e] - 1.f : r[h][e], 0.f);  // NaN: 0
+      // The choice need not be exact (any element gives a valid seed): 2^32 - c in float.
+      const float bound = fast_divide(residual, 0x1p32f - static_cast<float>(words[h].x[e]));
+      if (bound > best_bound) {
+        best_bound = bound;
+        best_residual = residual;
+        best_word = words[h].x[e];
+      }
+    }
+  float seed = best_bound > 0.f ? fast_divide(best_residual, exponential2_fast(best_word)) : 0.f;
+#pragma unroll
+  for (int mask = 16; mask > 0; mask >>= 1) seed = fmaxf(seed, shfl_xor(seed, mask));
+  return race_bound(leader, seed);
 }
 
 // Two groups of four consecutive elements (first[h], ...) of every lane of the warp (all
 // lanes call it): one vote for the eight.
+// kSeed (the warp's first step): B is seeded first (race_seed), inside the voted branch,
+// so the seed's code is the rare path's too.
+template <bool kSeed = false>
 __device__ __forceinline__ RaceLeader race_step(RaceLeader leader, const float (&r)[2][4], const Philox4 (&words)[2],
                                                 const int (&first)[2], int one_hot = -1) {
   bool any = false;
@@ -384,6 +422,7 @@ __device__ __forceinline__ RaceLeader race_step(RaceLeader leader, const float (
 #pragma unroll
     for (int e = 0; e < 4; ++e) any |= race_candidate(r[h][e], words[h].x[e], leader);
   if (__any_sync(0xFFFFFFFFu, any)) {
+    if constexpr (kSeed) leader = race_seed(leader, r, words, first, one_hot);
 #pragma unroll
     for (int h = 0; h < 2; ++h)
       leader = race_group(leader, r[h][0], r[h][1], r[h][2], r[h][3], words[h].x[0], words[h].x[1], words[h].x[2],
@@ -433,7 +472,7 @@ __device__ __forceinline__ MassStats slice_mass(const T* row, int vocab, int sli
                                 static_cast<uint32_t>(first_index >> 2) + Slice<T>::offset(i, g) / 4);
       }
     }
-    if constexpr (kRace) leader = race_step(leader, w, words, first);
+    if constexpr (kRace) leader = q == 0 ? race_step<true>(leader, w, words, first) : race_step(leader, w, words, first);
   }
   return {m, sum[0] + sum[1], leader.key, leader.index};
 }
@@ -483,6 +522,28 @@ __device__ __forceinline__ ArgMax slice_argmax(const T* row, int vocab, int slic
                                            : slice_argmax_partial(row, vocab, slice);
 }
 
+// The kept mass of a filtered row and, for the bonus row (race), the race among the kept
+// tokens: element v with logit x >= threshold adds w = 2^((x - max) s) and races with the
+// key w / E' of word v of the resample stream. A thread's part; the caller reduces.
+struct KeptRace {
+  float threshold, row_max, scale;
+  bool race;
+  RandomRow random;
+  float kept_mass = 0.f;
+  ArgMax best{0.f, -1};
+
+  __device__ __forceinline__ void add(int64_t v, float raw) {
+    const float x = sanitize_logit(raw);
+    if (x == -INFINITY || x < threshold) return;
+    const float w = fast_exp2((x - row_max) * scale);
+    kept_mass += w;
+    if (race) {
+      const float key = fast_divide(w, exponential2_fast(random.word(v)));
+      if (key > best.key) best = {key, v};
+    }
+  }
+};
+
 // A top-k/top-p row, whole, by one block: online max and mass, the radix select of the
 // threshold, then the kept mass and, for the bonus row, the race among the kept tokens.
 template <typename T>
@@ -497,21 +558,10 @@ __device__ MassStats filtered_row(const T* row, int64_t vocab, float scale, int6
   const bool k_on = top_k > 0 && top_k < vocab;
   if (k_on) threshold = radix_threshold(row, vocab, scale, row_max, -INFINITY, false, top_k, 0.f, radix);
   if (top_p < 1.f) threshold = radix_threshold(row, vocab, scale, row_max, threshold, true, 0, top_p, radix);
-  float kept_mass = 0.f;
-  ArgMax best{0.f, -1};
-  RandomRow random(seed, kStreamResample, position, round_offset);
-  for_each_element(row, vocab, [&](int64_t v, float raw) {
-    const float x = sanitize_logit(raw);
-    if (x == -INFINITY || x < threshold) return;
-    const float w = fast_exp2((x - row_max) * scale);
-    kept_mass += w;
-    if (race) {
-      const float key = fast_divide(w, exponential2_fast(random.word(v)));
-      if (key > best.key) best = {key, v};
-    }
-  });
-  kept_mass = block_allreduce<kVerifyThreads>(kept_mass);
-  best = block_allreduce<kVerifyThreads>(best);
+  KeptRace kept{threshold, row_max, scale, race, RandomRow(seed, kStreamResample, position, round_offset)};
+  for_each_element(row, vocab, [&](int64_t v, float raw) { kept.add(v, raw); });
+  const float kept_mass = block_allreduce<kVerifyThreads>(kept.kept_mass);
+  const ArgMax best = block_allreduce<kVerifyThreads>(kept.best);
   return {row_max, kept_mass, best.key, static_cast<int32_t>(best.index)};
 }
 
@@ -582,6 +632,22 @@ struct FilterSource {
   int size;       // keys in the list; -1 while there is none
 };
 
+// Appends `key` (lanes with keep) to the block's candidate list with one shared atomic a
+// warp; every append is counted in sh.list_size, the list holds the first `capacity`.
+// Warp-uniform call: the ballot needs every lane.
+template <typename T>
+__device__ __forceinline__ void list_append(const FilterSource<T>& source, FilterShared& sh, bool keep,
+                                            uint32_t key) {
+  const int lane = threadIdx.x % 32;
+  const unsigned keepers = __ballot_sync(0xFFFFFFFFu, keep);
+  if (keepers == 0u) return;
+  const int first = __ffs(static_cast<int>(keepers)) - 1;
+  uint32_t slot = 0;
+  if (lane == first) slot = atomicAdd(&sh.list_size, static_cast<uint32_t>(__popc(keepers)));
+  slot = __shfl_sync(0xFFFFFFFFu, slot, first) + __popc(keepers & ((1u << lane) - 1u));
+  if (keep && slot < static_cast<uint32_t>(source.capacity)) source.list[slot] = key;
+}
+
 // One radix level over the block's elements: the per-warp histograms of the digit
 // (key >> shift) & 255 of the candidates (x >= floor, key matching st.prefix above the
 // digit), with their fixed-point masses in mass mode. The lanes of a warp with the same
@@ -635,17 +701,8 @@ __device__ __forceinline__ void filter_histogram(const FilterSource<T>& source, 
       const uint32_t high = static_cast<uint32_t>(m >> 32) + static_cast<uint32_t>(old + low < old);
       if (high != 0u) atomicAdd(&sh.warp_mass_high[warp][digit], high);
     }
-    if (!kFromList && build) {  // uniform
-      const bool keep = eligible && key >= list_bound;
-      const unsigned keepers = __ballot_sync(0xFFFFFFFFu, keep);
-      if (keepers != 0u) {
-        const int first = __ffs(static_cast<int>(keepers)) - 1;
-        uint32_t slot = 0;
-        if (lane == first) slot = atomicAdd(&sh.list_size, static_cast<uint32_t>(__popc(keepers)));
-        slot = __shfl_sync(0xFFFFFFFFu, slot, first) + __popc(keepers & ((1u << lane) - 1u));
-        if (keep) source.list[slot] = key;  // slot < capacity: counted before (block_fits)
-      }
-    }
+    // Uniform; every key fits (block_fits counted them before).
+    if (!kFromList && build) list_append(source, sh, eligible && key >= list_bound, key);
   }
 }
 
@@ -771,20 +828,13 @@ template <typename T>
 __device__ void filter_list_above(FilterSource<T>& source, FilterShared& sh, int attempt, float guess, bool mass,
                                   float row_max, float exp2_scale_, float unit) {
   constexpr int kVec = RowChunks<T>::kVec;
-  const int lane = threadIdx.x % 32;
   unsigned long long listed_mass = 0;
   if (threadIdx.x == 0) sh.list_size = 0;
   __syncthreads();
   const auto list = [&](float x) {
     const float y = sanitize_logit(x);
     const bool keep = y >= guess;  // guess is finite: -inf is never listed
-    const unsigned keepers = __ballot_sync(0xFFFFFFFFu, keep);
-    if (keepers == 0u) return;
-    const int first = __ffs(static_cast<int>(keepers)) - 1;
-    uint32_t slot = 0;
-    if (lane == first) slot = atomicAdd(&sh.list_size, static_cast<uint32_t>(__popc(keepers)));
-    slot = __shfl_sync(0xFFFFFFFFu, slot, first) + __popc(keepers & ((1u << lane) - 1u));
-    if (keep && slot < static_cast<uint32_t>(source.capacity)) source.list[slot] = ordered_key(y);
+    list_append(source, sh, keep, ordered_key(y));
     if (keep && mass) listed_mass += fixed_mass(y, row_max, exp2_scale_, unit);
   };
   const int chunks = source.n / kVec;
@@ -792,12 +842,12 @@ __device__ void filter_list_above(FilterSource<T>& source, FilterShared& sh, int
   for (int base = 0; base < chunks; base += kVerifyThreads) {
     const int c = base + static_cast<int>(threadIdx.x);
     const bool inside = c < chunks;
-    float x[kVec];
-    unpack_chunk<T>(vec[inside ? c : 0], x);  // chunk 0 stands in for the lanes past the end
-    float top = x[0];  // NaN is skipped by fmaxf and never listed
-#pragma unroll
-    for (int e = 1; e < kVec; ++e) top = fmaxf(top, x[e]);
+    const uint4 raw = vec[inside ? c : 0];  // chunk 0 stands in for the lanes past the end
+    // Unsanitized: +inf >= guess as its clamp is; NaN is skipped and never listed.
+    const float top = chunk_max<T>(raw);
     if (__any_sync(0xFFFFFFFFu, inside && top >= guess)) {
+      float x[kVec];
+      unpack_chunk<T>(raw, x);
 #pragma unroll
       for (int e = 0; e < kVec; ++e) list(inside ? x[e] : -INFINITY);
     }
@@ -844,12 +894,17 @@ __device__ PortionMass portion_mass(const FilterSource<T>& source, FilterShared&
   unsigned long long mass = 0;
   float moment1 = 0.f, moment2 = 0.f;
   const auto add = [&](float raw) {
-    const float t = (sanitize_logit(raw) - row_max) * exp2_scale_;
+    // fixed_mass's t = (sanitize_logit(x) - max) s without the sanitize: t <= 0 for every
+    // sanitized x (max is the row's), and x above the clamp or +inf gives t > 0 where the
+    // clamped value gives 0 (then max is the clamp); NaN gives NaN where -inf gives -inf.
+    // Both clamps of t below restore those; t <= -128 has w = 0 either way (the
+    // exponential flushes below 2^-126; w * unit rounds to 0 on a host too).
+    const float t = fminf(fmaxf((raw - row_max) * exp2_scale_, -128.f), 0.f);
     const float w = fast_exp2(t);
     mass += __float2ull_rn(w * unit);  // fixed_mass
-    const float wt = w * fmaxf(t, -128.f);
+    const float wt = w * t;
     moment1 += wt;
-    moment2 = fmaf(wt, fmaxf(t, -128.f), moment2);
+    moment2 = fmaf(wt, t, moment2);
   };
 #pragma unroll 2
   for (int c = threadIdx.x; c < full_chunks; c += kVerifyThreads) {
@@ -875,6 +930,7 @@ __global__ void __launch_bounds__(kVerifyThreads) verify_filter_kernel(const T* 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   __trap();  // the host launches it only on devices with clusters
 #else
+  allow_dependents();  // the finish kernel's blocks may be scheduled (they wait for this one)
   cg::cluster_group cluster = cg::this_cluster();
   const unsigned rank = cluster.block_rank();
   const int64_t b = blockIdx.x / kFilterCluster;
@@ -900,22 +956,21 @@ __global__ void __launch_bounds__(kVerifyThreads) verify_filter_kernel(const T* 
   const T* row = target_logits + (p.target_offset[b] + j) * p.target_stride + start;
 
   // The portion into shared memory, 16 bytes at a time where the row allows, and its max.
+  // The max unsanitized (ChunkMax: packed for 16-bit types), sanitized once.
   constexpr int kVec = RowChunks<T>::kVec;
-  float thread_max = -INFINITY;
+  ChunkMax<T> running;
   const int chunks = is_aligned16(row) ? n / kVec : 0;
 #pragma unroll 4
   for (int c = threadIdx.x; c < chunks; c += kVerifyThreads) {
     const uint4 raw = __ldg(reinterpret_cast<const uint4*>(row) + c);
     reinterpret_cast<uint4*>(data)[c] = raw;
-    T values[kVec];
-    memcpy(static_cast<void*>(values), &raw, sizeof(raw));
-#pragma unroll
-    for (int e = 0; e < kVec; ++e) thread_max = fmaxf(thread_max, sanitize_logit(to_float(values[e])));
+    running.add(raw);
   }
   for (int i = chunks * kVec + threadIdx.x; i < n; i += kVerifyThreads) {
     data[i] = row[i];
-    thread_max = fmaxf(thread_max, sanitize_logit(to_float(row[i])));
+    running.add(to_float(row[i]));
   }
+  const float thread_max = sanitize_logit(running.get());
   // The top-k guess (see filter_list_above): this warp's j-th largest thread maximum.
   // Guesses only where every thread holds a chunk of the row (V >= 16384 bf16 / 8192 float):
   // shorter rows are cheap for the radix passes, and the top-k guess needs all warps' maxima.
@@ -1007,37 +1062,28 @@ __global__ void __launch_bounds__(kVerifyThreads) verify_filter_kernel(const T* 
     }
     // The kept mass and, for the bonus row, the race among the kept tokens; a chunk none of
     // whose elements reaches the threshold costs its max only.
-    float kept_mass = 0.f;
-    ArgMax best{0.f, -1};
-    RandomRow random(static_cast<uint64_t>(p.seed[b]), kStreamResample, static_cast<uint32_t>(length),
-                     static_cast<uint64_t>(p.offset[b]));
-    const auto keep = [&](int i, float raw) {
-      const float x = sanitize_logit(raw);
-      if (x == -INFINITY || x < threshold) return;
-      const float w = fast_exp2((x - row_max) * scale);
-      kept_mass += w;
-      if (bonus) {
-        const int64_t v = start + i;
-        const float key = fast_divide(w, exponential2_fast(random.word(v)));
-        if (key > best.key) best = {key, v};
-      }
-    };
+    KeptRace kept{threshold, row_max, scale, bonus,
+                  RandomRow(static_cast<uint64_t>(p.seed[b]), kStreamResample, static_cast<uint32_t>(length),
+                            static_cast<uint64_t>(p.offset[b]))};
+    const auto keep = [&](int i, float raw) { kept.add(start + i, raw); };
     const int full_chunks = n / kVec;
-#pragma unroll 2
-    for (int c = threadIdx.x; c < full_chunks; c += kVerifyThreads) {
-      float x[kVec];
-      unpack_chunk<T>(reinterpret_cast<const uint4*>(data)[c], x);
-      float top = x[0];
+    for (int base = 0; base < full_chunks; base += kVerifyThreads) {  // warp-uniform trip count (the vote)
+      const int c = base + static_cast<int>(threadIdx.x);
+      const bool inside = c < full_chunks;
+      const uint4 raw = reinterpret_cast<const uint4*>(data)[inside ? c : 0];
+      // Unsanitized, as in filter_list_above; -inf is never kept.
+      if (__any_sync(0xFFFFFFFFu, inside && chunk_max<T>(raw) >= threshold)) {
+        float x[kVec];
+        unpack_chunk<T>(raw, x);
 #pragma unroll
-      for (int e = 1; e < kVec; ++e) top = fmaxf(top, x[e]);
-      if (top >= threshold) {
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) keep(c * kVec + e, x[e]);
+        for (int e = 0; e < kVec; ++e) keep(c * kVec + e, inside ? x[e] : -INFINITY);
       }
     }
     for (int i = full_chunks * kVec + threadIdx.x; i < n; i += kVerifyThreads) keep(i, to_float(data[i]));
-    kept_mass = block_allreduce<kVerifyThreads>(kept_mass, [](float a, float c) { return a + c; }, sh.scratch_float);
-    best = block_allreduce<kVerifyThreads>(best, [](ArgMax a, ArgMax c) { return merge(a, c); }, sh.scratch_argmax);
+    const float kept_mass =
+        block_allreduce<kVerifyThreads>(kept.kept_mass, [](float a, float c) { return a + c; }, sh.scratch_float);
+    const ArgMax best =
+        block_allreduce<kVerifyThreads>(kept.best, [](ArgMax a, ArgMax c) { return merge(a, c); }, sh.scratch_argmax);
     mine = {row_max, kept_mass, best.key, static_cast<int32_t>(best.index)};
   }
   cluster.sync();  // every block has read the others' maxima before result is overwritten
@@ -1067,6 +1113,7 @@ template <typename T, bool kHasDraft>
 __global__ void __launch_bounds__(kVerifyThreads) verify_slices_kernel(const T* __restrict__ target_logits,
                                                                     const T* __restrict__ draft_logits,
                                                                     VerifyParams p) {
+  allow_dependents();  // the finish kernel's blocks may be scheduled (they wait for this one)
   const int64_t b = blockIdx.x;
   const int slice = blockIdx.y;
   const int64_t j = blockIdx.z;
@@ -1260,7 +1307,8 @@ __device__ __forceinline__ ArgMax residual_slice(const T* target_row, const T* d
       words[h] = random_group(keys, kStreamResample, position, round_offset,
                               static_cast<uint32_t>(first_index >> 2) + S::offset(i, g) / 4);
     }
-    leader = race_step(leader, r, words, first, kHasDraft ? -1 : token);
+    leader = q == 0 ? race_step<true>(leader, r, words, first, kHasDraft ? -1 : token)
+                    : race_step(leader, r, words, first, kHasDraft ? -1 : token);
   }
   return {leader.key, leader.index};
 }
@@ -1288,6 +1336,8 @@ template <typename T, bool kHasDraft>
 __global__ void __launch_bounds__(kVerifyThreads) verify_finish_kernel(const T* __restrict__ target_logits,
                                                                     const T* __restrict__ draft_logits,
                                                                     VerifyParams p) {
+  // Launched as a dependent: everything below reads the previous launches' partials.
+  grid_dependency_wait();
   const int64_t b = blockIdx.x;
   const int slice = blockIdx.y;
   const int64_t width = p.max_draft + 1;
@@ -1359,15 +1409,10 @@ __global__ void __launch_bounds__(kVerifyThreads) verify_finish_kernel(const T* 
   if (winner.index < 0) {
     // No residual mass (p_t <= p_d everywhere, a rounding case): the target race over the
     // kept tokens of the rejected row, by this block alone.
-    RandomRow random(seed, kStreamResample, static_cast<uint32_t>(j), round_offset);
-    ArgMax race{0.f, -1};
-    for_each_element(target_row, p.vocab, [&](int64_t v, float raw) {
-      const float x = sanitize_logit(raw);
-      if (x == -INFINITY || x < my.threshold) return;
-      const float key = fast_divide(fast_exp2((x - my.target_max) * scale), exponential2_fast(random.word(v)));
-      if (key > race.key) race = {key, v};
-    });
-    winner = block_allreduce<kVerifyThreads>(race);
+    KeptRace kept{my.threshold, my.target_max, scale, true,
+                  RandomRow(seed, kStreamResample, static_cast<uint32_t>(j), round_offset)};
+    for_each_element(target_row, p.vocab, [&](int64_t v, float raw) { kept.add(v, raw); });
+    winner = block_allreduce<kVerifyThreads>(kept.best);
   }
   write_outputs(winner.index);
 }
