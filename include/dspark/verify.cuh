@@ -452,7 +452,7 @@ __device__ __forceinline__ MassStats slice_mass(const T* row, int vocab, int sli
   static_assert(kGroups % 2 == 0, "race steps of two groups");
   [[maybe_unused]] const int first_index = Slice<T>::index(slice, 0, 0);  // a multiple of 4
   [[maybe_unused]] PhiloxKeys keys;
-  if constexpr (kRace) keys = philox_keys(seed);
+  if constexpr (kRace) keys = philox_keys_held(seed);
 #pragma unroll
   for (int q = 0; q < kGroups; q += 2) {
     float w[2][4];
@@ -595,7 +595,8 @@ struct FilterShared {
   uint32_t block_above;  // the block's candidates above the chosen prefix's bucket
   uint32_t block_fits;   // they and the bucket's fit in the candidate list
   uint32_t list_size;    // keys in the candidate list
-  MassStats result;  // the block's max, then its kept mass and race winner, read by block 0
+  float block_max;    // the block's max, read by the cluster
+  MassStats results[kFilterCluster];  // in block 0: every block's kept mass and race winner
   // Read by the other blocks of the cluster, each written once (see filter_list_above):
   float block_guess;   // the block's bound for the top-k guess
   unsigned long long block_total;  // the block's fixed-point mass (top-p alone)
@@ -984,7 +985,7 @@ __global__ void __launch_bounds__(kVerifyThreads) verify_filter_kernel(const T* 
   const auto max_of = [](float a, float c) { return fmaxf(a, c); };
   const float block_max = block_allreduce<kVerifyThreads>(thread_max, max_of, sh.scratch_float);  // and barriers
   if (threadIdx.x == 0) {
-    sh.result.max = block_max;
+    sh.block_max = block_max;
     float block_guess = guess_k ? INFINITY : -INFINITY;  // -inf: no guess
     for (int w = 0; guess_k && w < kFilterWarps; ++w) block_guess = fminf(block_guess, sh.warp_guess[w]);
     sh.block_guess = block_guess;
@@ -994,7 +995,7 @@ __global__ void __launch_bounds__(kVerifyThreads) verify_filter_kernel(const T* 
   float guess = INFINITY;
   for (unsigned r = 0; r < kFilterCluster; ++r) {
     const FilterShared* other = cluster.map_shared_rank(&sh, r);
-    row_max = fmaxf(row_max, other->result.max);
+    row_max = fmaxf(row_max, other->block_max);
     guess = fminf(guess, other->block_guess);
   }
 
@@ -1086,14 +1087,17 @@ __global__ void __launch_bounds__(kVerifyThreads) verify_filter_kernel(const T* 
         block_allreduce<kVerifyThreads>(kept.best, [](ArgMax a, ArgMax c) { return merge(a, c); }, sh.scratch_argmax);
     mine = {row_max, kept_mass, best.key, static_cast<int32_t>(best.index)};
   }
-  cluster.sync();  // every block has read the others' maxima before result is overwritten
-  if (threadIdx.x == 0) sh.result = mine;
-  cluster.sync();  // the blocks' results
+  // Each block's result into block 0's shared memory (a distributed shared memory store),
+  // then one barrier: it makes them visible to block 0, and no block exits before the
+  // others are done reading its shared memory (the last radix level's histograms). Block 0
+  // then reads only its own.
+  if (threadIdx.x == 0) cluster.map_shared_rank(&sh.results[0], 0)[rank] = mine;
+  cluster.sync();
   if (rank == 0 && threadIdx.x == 0) {
     float kept_mass = 0.f;
     ArgMax best{0.f, -1};
     for (unsigned r = 0; r < kFilterCluster; ++r) {  // rank order: the same sum at every B
-      const MassStats q = *cluster.map_shared_rank(&sh.result, r);
+      const MassStats q = sh.results[r];
       kept_mass += q.sum;
       best = merge(best, ArgMax{q.key, q.index});
     }
@@ -1104,7 +1108,6 @@ __global__ void __launch_bounds__(kVerifyThreads) verify_filter_kernel(const T* 
     out.index = static_cast<int32_t>(best.index);
     out.threshold = threshold;
   }
-  cluster.sync();  // block 0 has read every block's result before any exits
 #endif
 }
 
@@ -1279,7 +1282,7 @@ __device__ __forceinline__ ArgMax residual_slice(const T* target_row, const T* d
   constexpr int kGroups = S::kChunks * kVec / 4;  // groups of four elements a thread
   static_assert(kGroups % 2 == 0, "race steps of two groups");
   const int first_index = S::index(slice, 0, 0);  // a multiple of 4
-  const PhiloxKeys keys = philox_keys(seed);
+  const PhiloxKeys keys = philox_keys_held(seed);
 #pragma unroll
   for (int q = 0; q < kGroups; q += 2) {
     float r[2][4];  // p_t - p_d, unclamped (race_candidate and race_group clamp)
