@@ -298,6 +298,44 @@ def test_filtered_rows_guessed_lists(device, dtype):
     assert int(keep.sum()) == 723  # top-p 0.9 keeps both levels
 
 
+def test_residual_of_tiny_probabilities(device):
+    """A certain rejection whose residual max(0, p_t - p_d) is about 2^-123 wherever it is
+    positive: target and draft rows agree except on 1500 tokens of probability about
+    2^-122 (logit -75 against -76), and the drafted token has p_t = 0. The pruned race's
+    bound (B 2^-32 / ln 2) is then far below the normal range, where its rounding exceeds
+    the test's margin: the kernels must not prune with it (every request must equal the
+    reference; pruning with the subnormal bound made 2 of the 64 differ in the emulation). The other logits are all 0, so that both rows' masses are the same exact
+    integer in any summation order and p_t - p_d is exactly 0 there."""
+    vocab, batch = 16384, 64
+    g = torch.Generator().manual_seed(11)
+    base = torch.zeros(batch, vocab)
+    drafted = torch.randint(1, vocab, (batch,), generator=g)
+    target, draft = base.clone(), base.clone()
+    rows = torch.arange(batch)
+    target[rows, drafted] = -INF  # p_t = 0 at the drafted token: rejected
+    draft[rows, drafted] = -60.0
+    for b in range(batch):
+        tiny = torch.randperm(vocab, generator=g)[:1500]
+        tiny = tiny[tiny != drafted[b]]
+        target[b, tiny] = -75.0 + 0.5 * torch.rand(tiny.numel(), generator=g)
+        draft[b, tiny] = target[b, tiny] - 1.0
+    target_logits = torch.stack([target, torch.zeros_like(target)], 1).reshape(2 * batch, vocab)
+    inputs = dict(target_logits=target_logits, target_offset=ops.padded_target_offset(batch, 1),
+                  draft_tokens=drafted.unsqueeze(1), draft_logits=draft.unsqueeze(1),
+                  num_draft=torch.ones(batch, dtype=torch.int32), temperature=torch.ones(batch),
+                  seed=torch.randint(0, 2**62, (batch,), generator=g),
+                  offset=torch.randint(0, 2**40, (batch,), generator=g), top_k=None, top_p=None)
+    ref_out, ref_acc = call_ref(inputs)
+    out, acc = call_op(inputs, device)
+    check_structure(out, acc, inputs)
+    assert int(ref_acc.sum()) == 0 and int(acc.sum()) == 0, "every draft is rejected"
+    winners = ref_out[:, 0]
+    probs = torch.softmax(target, -1)[rows, winners]
+    assert bool((probs > 0).all()) and bool((probs < 2.0**-100).all()), "the residual's winners are tiny tokens"
+    agree = _rows_agree(out, acc, ref_out, ref_acc)
+    assert bool(agree.all()), f"requests differing from the reference: {(~agree).nonzero().flatten().tolist()}"
+
+
 # --------------------------------------------------------------------------- 2. losslessness
 def filtered_distribution(row: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
     """softmax(row / T) after top-k then top-p, in float64, by sorting (independent of the

@@ -29,7 +29,11 @@ struct CudaLaunch {
     int device = 0, major = 0;
     C10_CUDA_CHECK(cudaGetDevice(&device));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    if (major < 9) return (*this)(name, kernel, grid, block, args...);
+    // The kernel's griddepcontrol.wait exists only in code compiled for sm_90 or later
+    // (PTX of an older architecture, JIT-compiled here, has none: then a plain launch).
+    cudaFuncAttributes attributes{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+    if (major < 9 || attributes.ptxVersion < 90) return (*this)(name, kernel, grid, block, args...);
     cudaLaunchAttribute attribute{};
     attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attribute.val.programmaticStreamSerializationAllowed = 1;
@@ -54,7 +58,7 @@ struct CudaLaunch {
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
     cudaFuncAttributes attributes{};
     C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
-    if (!clusters || attributes.binaryVersion < 90) return 0;
+    if (!clusters || attributes.ptxVersion < 90) return 0;  // the code's architecture, not the device's
     return static_cast<size_t>(optin) - attributes.sharedSizeBytes;
   }
 

@@ -345,9 +345,12 @@ struct RaceLeader {
 __device__ __forceinline__ RaceLeader race_start() { return {0.f, -1, 0.f, 0.f}; }
 
 // The test's bound and cut for B = max(best, the B so far) (B never decreases: a seed
-// from another thread may exceed the warp's own best).
+// from another thread may exceed the warp's own best). A bound below the normal range
+// (B below about 2^-94) is not used: rounded as a subnormal it can exceed the 2^-8
+// margin, and the element holding B would fail its own test; bound 0 admits every r >= 0.
 __device__ __forceinline__ RaceLeader race_bound(RaceLeader leader, float best) {
-  leader.bound = fmaxf(leader.bound, best * (0x1p-32f / (0.69314718f * (1.f + 0x1p-8f))));
+  const float bound = best * (0x1p-32f / (0.69314718f * (1.f + 0x1p-8f)));
+  leader.bound = fmaxf(leader.bound, bound >= 0x1p-126f ? bound : 0.f);
   leader.cut = (0x1p32f - 1024.f) * leader.bound;
   return leader;
 }
