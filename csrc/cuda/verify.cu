@@ -37,14 +37,7 @@ struct CudaLaunch {
     cudaLaunchAttribute attribute{};
     attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attribute.val.programmaticStreamSerializationAllowed = 1;
-    cudaLaunchConfig_t config{};
-    config.gridDim = grid;
-    config.blockDim = block;
-    config.dynamicSmemBytes = 0;
-    config.stream = stream;
-    config.attrs = &attribute;
-    config.numAttrs = 1;
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args...));
+    launch_ex(attribute, kernel, grid, block, 0, args...);
   }
 
   // Dynamic shared memory a block of `kernel` may have in a cluster launch: 0 where the
@@ -72,12 +65,20 @@ struct CudaLaunch {
     attribute.val.clusterDim.x = cluster_dim.x;
     attribute.val.clusterDim.y = cluster_dim.y;
     attribute.val.clusterDim.z = cluster_dim.z;
+    launch_ex(attribute, kernel, grid, block, shared_bytes, args...);
+  }
+
+  // cudaLaunchKernelEx on the stream with one launch attribute.
+  template <typename... Params, typename... Args>
+  void launch_ex(const cudaLaunchAttribute& attribute, void (*kernel)(Params...), dim3 grid, dim3 block,
+                 size_t shared_bytes, Args... args) const {
+    cudaLaunchAttribute attributes[1] = {attribute};
     cudaLaunchConfig_t config{};
     config.gridDim = grid;
     config.blockDim = block;
     config.dynamicSmemBytes = shared_bytes;
     config.stream = stream;
-    config.attrs = &attribute;
+    config.attrs = attributes;
     config.numAttrs = 1;
     C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args...));
   }

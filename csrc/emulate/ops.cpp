@@ -30,7 +30,7 @@ struct EmulatedLaunch {
   // Launches run one after another here: a dependent launch is a plain one.
   template <typename Kernel, typename... Args>
   void dependent(const char* name, Kernel kernel, dim3 grid, dim3 block, Args... args) const {
-    emulate::launch(name, kernel, grid, block, args...);
+    (*this)(name, kernel, grid, block, args...);
   }
 
   template <typename Kernel>

@@ -72,12 +72,19 @@ struct ChunkMax {
     memcpy(&out, static_cast<const void*>(&m), sizeof(out));
     return out;
   }
+  // A chunk's four words folded into one packed pair (16-bit types) or float.
+  __device__ __forceinline__ static uint32_t fold_pairs(const uint4& raw) {
+    return max2(max2(raw.x, raw.y), max2(raw.z, raw.w));
+  }
+  __device__ __forceinline__ static float fold_floats(const uint4& raw) {
+    return fmaxf(fmaxf(__uint_as_float(raw.x), __uint_as_float(raw.y)),
+                 fmaxf(__uint_as_float(raw.z), __uint_as_float(raw.w)));
+  }
   __device__ __forceinline__ void add(const uint4& raw) {
     if constexpr (kPacked) {
-      pair = max2(pair, max2(max2(raw.x, raw.y), max2(raw.z, raw.w)));
+      pair = max2(pair, fold_pairs(raw));
     } else {
-      value = fmaxf(value, fmaxf(fmaxf(__uint_as_float(raw.x), __uint_as_float(raw.y)),
-                                 fmaxf(__uint_as_float(raw.z), __uint_as_float(raw.w))));
+      value = fmaxf(value, fold_floats(raw));
     }
   }
   __device__ __forceinline__ void add(float x) { value = fmaxf(value, x); }
@@ -95,15 +102,15 @@ struct ChunkMax {
   }
 };
 
-// The largest value of one chunk (see ChunkMax).
+// The largest value of one chunk (see ChunkMax; without its running -inf start, which the
+// compiler cannot drop: fmaxf(-inf, NaN) is -inf).
 template <typename T>
 __device__ __forceinline__ float chunk_max(const uint4& raw) {
   using M = ChunkMax<T>;
   if constexpr (M::kPacked) {
-    return M::pair_max(M::max2(M::max2(raw.x, raw.y), M::max2(raw.z, raw.w)));
+    return M::pair_max(M::fold_pairs(raw));
   } else {
-    return fmaxf(fmaxf(__uint_as_float(raw.x), __uint_as_float(raw.y)),
-                 fmaxf(__uint_as_float(raw.z), __uint_as_float(raw.w)));
+    return M::fold_floats(raw);
   }
 }
 

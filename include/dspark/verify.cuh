@@ -338,7 +338,7 @@ __device__ __forceinline__ MassStats shfl_xor(MassStats v, int mask) {
 struct RaceLeader {
   float key;      // the thread's best key (0 while none: a zero r never wins)
   int32_t index;  // -1 while none
-  float bound;    // warp-uniform B 2^-32 / (ln(2) (1 + 2^-8)); 0 while B = 0
+  float bound;    // warp-uniform B 2^-32 / (ln(2) (1 + 2^-8)); 0 while B = 0 (see race_bound)
   float cut;      // (2^32 - 1024) bound: candidate iff c bound + r >= cut (r >= 0 while B = 0)
 };
 
